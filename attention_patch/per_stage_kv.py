@@ -1,0 +1,83 @@
+"""Per-stage, K/V-disentangled contexts at every cross-attention layer (DESIGN §1).
+
+Generation uses ONE model-level attn2 patch on a clone of the MODEL. It picks the stage from the
+step's sigma (sigma -> timestep via the model's own schedule -> stage) and finds the rows that
+belong to the identity conditioning by value: the CONDITIONING we emit carries a "nominal" context
+(the K-path context of the middle stage), and every 77-token block of the incoming context that
+equals it is replaced by C^K_stage for K and C^V_stage for V.
+
+Why not a per-conditioning hook (comfy.hooks.TransformerOptionsHook)? Conds with different hooks
+never share a batch, so cond and uncond would run as two UNet passes per step: too slow for our
+≤ 3 % sampling overhead. Matching by value keeps CFG batched, leaves the negative prompt and any
+other conditioning untouched, and survives the host repeating or concatenating contexts.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.stages import stage_of_timestep
+
+
+class PerStageKVPatch:
+    """attn2 patch: (n, context, value, extra_options) -> (n, K context, V context)."""
+
+    def __init__(self, nominal: torch.Tensor, contexts_k: torch.Tensor, contexts_v: torch.Tensor, model_sampling):
+        # nominal: (L, D); contexts_*: (S, L, D)
+        self.nominal = nominal
+        self.contexts_k = contexts_k
+        self.contexts_v = contexts_v
+        self.num_stages = contexts_k.shape[0]
+        self.model_sampling = model_sampling
+        self._device_cache: dict = {}
+        self._last: tuple | None = None
+
+    def _on(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        key = (like.device, like.dtype)
+        if key not in self._device_cache:
+            self._device_cache[key] = tuple(t.to(device=like.device, dtype=like.dtype)
+                                            for t in (self.nominal, self.contexts_k, self.contexts_v))
+        return self._device_cache[key]
+
+    def stages_for(self, sigmas: torch.Tensor) -> torch.Tensor:
+        timesteps = self.model_sampling.timestep(sigmas.to(self.model_sampling.sigmas.device))
+        return stage_of_timestep(timesteps.cpu(), self.num_stages)
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None or context_attn2 is None:
+            return n, context_attn2, value_attn2
+        last = self._last
+        if (last is not None and last[0] is context_attn2 and last[1] is value_attn2
+                and torch.equal(last[2], sigmas)):
+            return n, last[3], last[4]  # same forward pass, next layer: reuse
+        out_k, out_v = self._swap(context_attn2, value_attn2, sigmas)
+        self._last = (context_attn2, value_attn2, sigmas.clone(), out_k, out_v)
+        return n, out_k, out_v
+
+    def _swap(self, context: torch.Tensor, value: torch.Tensor, sigmas: torch.Tensor):
+        nominal, ck, cv = self._on(context)
+        rows, tokens, dim = context.shape
+        length = nominal.shape[0]
+        if dim != nominal.shape[1] or tokens % length or value.shape != context.shape:
+            return context, value
+        blocks = context.view(rows, tokens // length, length, dim)
+        match = (blocks == nominal).flatten(2).all(-1)  # (rows, blocks)
+        if not match.any():
+            return context, value
+        stage = self.stages_for(sigmas.flatten())
+        stage_per_row = stage[torch.arange(rows) % stage.numel()].to(context.device)
+        sel = match[..., None, None]
+        k_blocks = torch.where(sel, ck[stage_per_row][:, None], blocks)
+        v_blocks = torch.where(sel, cv[stage_per_row][:, None], value.view(rows, tokens // length, length, dim))
+        return k_blocks.reshape(rows, tokens, dim), v_blocks.reshape(rows, tokens, dim)
+
+
+class FixedKVPatch:
+    """Training: K from `context_k`, V from `context_v` at every cross-attention layer."""
+
+    def __init__(self, context_k: torch.Tensor, context_v: torch.Tensor):
+        self.context_k = context_k
+        self.context_v = context_v
+
+    def __call__(self, n, context_attn2, value_attn2, extra_options):
+        return n, self.context_k.to(context_attn2), self.context_v.to(context_attn2)

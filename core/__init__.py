@@ -1,0 +1,1 @@
+"""ComfyUI-free core of SeFi-IDE: token generator, stage mapping, losses, identity files, training loop."""

@@ -1,0 +1,192 @@
+"""The learned identity and its shareable file (DESIGN §2): safetensors only, never pickle."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import SeFiError
+
+FORMAT_NAME = "sefi-ide-identity"
+FORMAT_VERSION = 1
+PACK_VERSION = "0.1.0"
+MAX_STAGES = 10
+
+# family -> text encoder name -> embedding width
+FAMILY_ENCODERS: dict[str, dict[str, int]] = {
+    "sd1": {"clip_l": 768},
+    "sdxl": {"clip_l": 768, "clip_g": 1280},
+}
+FAMILY_NAMES = {"sd1": "Stable Diffusion 1.x", "sdxl": "SDXL"}
+
+
+@dataclass
+class Identity:
+    """Per-stage K/V identity tokens, one (S, d) pair per text encoder."""
+
+    family: str
+    placeholder: str
+    init_word: str
+    k: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    training: dict = field(default_factory=dict)
+    reference_sha256: str = ""
+    # optional, to resume training: generator weights per encoder ("clip_l.<param>")
+    generator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return next(iter(self.k.values())).shape[0]
+
+    def check_family(self, model_family: str) -> None:
+        if model_family != self.family:
+            raise SeFiError(
+                f"Identity '{self.placeholder}' was learned for {FAMILY_NAMES.get(self.family, self.family)} "
+                f"but the model is {FAMILY_NAMES.get(model_family, model_family)}. Learn the identity again "
+                f"on a {FAMILY_NAMES.get(model_family, model_family)} checkpoint, or use a "
+                f"{FAMILY_NAMES.get(self.family, self.family)} checkpoint with it."
+            )
+
+
+def image_sha256(image: torch.Tensor) -> str:
+    """SHA-256 of the reference image as 8-bit RGB, so the same photo gives the same hash."""
+    data = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
+def _tensors(identity: Identity, include_generator: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for enc in identity.k:
+        out[f"k.{enc}"] = identity.k[enc].detach().float().cpu().contiguous()
+        out[f"v.{enc}"] = identity.v[enc].detach().float().cpu().contiguous()
+    if include_generator:
+        for name, t in identity.generator_state.items():
+            out[f"generator.{name}"] = t.detach().float().cpu().contiguous()
+    return out
+
+
+def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool = False,
+                  include_generator: bool = True) -> Path:
+    """Write atomically: a temporary file in the same folder, then a rename (never half a file)."""
+    import safetensors.torch
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SeFiError(f"'{path.name}' already exists. Choose another name or enable overwrite.")
+    validate_identity(identity, str(path))
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "family": identity.family,
+        "stages": str(identity.num_stages),
+        "placeholder": identity.placeholder,
+        "init_word": identity.init_word,
+        "training": json.dumps(identity.training, sort_keys=True),
+        "reference_sha256": identity.reference_sha256,
+        "pack_version": PACK_VERSION,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(_tensors(identity, include_generator), tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def validate_identity(identity: Identity, where: str) -> None:
+    """Every field and tensor shape, with a message naming `where` and the problem."""
+    if identity.family not in FAMILY_ENCODERS:
+        raise SeFiError(f"{where}: unknown model family '{identity.family}' (supported: sd1, sdxl).")
+    encoders = FAMILY_ENCODERS[identity.family]
+    if set(identity.k) != set(encoders) or set(identity.v) != set(encoders):
+        raise SeFiError(f"{where}: a {identity.family} identity needs k/v tokens for {sorted(encoders)}, "
+                        f"found k: {sorted(identity.k)}, v: {sorted(identity.v)}.")
+    stages = None
+    for enc, width in encoders.items():
+        for kind, table in (("k", identity.k), ("v", identity.v)):
+            t = table[enc]
+            if t.ndim != 2 or t.shape[1] != width or not 1 <= t.shape[0] <= MAX_STAGES:
+                raise SeFiError(f"{where}: tensor '{kind}.{enc}' has shape {tuple(t.shape)}, expected "
+                                f"(stages 1..{MAX_STAGES}, {width}). The file is damaged or not an identity.")
+            if stages is not None and t.shape[0] != stages:
+                raise SeFiError(f"{where}: tensors disagree on the number of stages.")
+            stages = t.shape[0]
+            if not torch.isfinite(t).all():
+                raise SeFiError(f"{where}: tensor '{kind}.{enc}' contains NaN or infinity.")
+    if not identity.placeholder or any(c.isspace() for c in identity.placeholder):
+        raise SeFiError(f"{where}: placeholder '{identity.placeholder}' must be one word with no spaces.")
+
+
+def load_identity(path: str | os.PathLike) -> Identity:
+    """Read and check an identity file; every problem names the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    name = path.name
+    if path.suffix != ".safetensors":
+        raise SeFiError(f"'{name}': identity files are .safetensors only (other formats are never read).")
+    if not path.is_file():
+        raise SeFiError(f"'{name}': file not found.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncation/corruption
+        raise SeFiError(f"'{name}': not a readable safetensors file ({exc}). It may be truncated or "
+                        f"corrupted; save or download it again.") from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise SeFiError(f"'{name}': not a SeFi-IDE identity file (format is '{meta.get('format')}').")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise SeFiError(f"'{name}': format_version '{meta.get('format_version')}' is not a number.") from None
+    if version > FORMAT_VERSION:
+        raise SeFiError(f"'{name}': written by a newer pack (format version {version}, this pack reads up "
+                        f"to {FORMAT_VERSION}). Update the SeFi-IDE node pack.")
+    family = meta.get("family", "")
+    encoders = FAMILY_ENCODERS.get(family)
+    if encoders is None:
+        raise SeFiError(f"'{name}': unknown model family '{family}' (supported: sd1, sdxl).")
+    for key in [f"{kind}.{enc}" for enc in encoders for kind in ("k", "v")]:
+        if key not in tensors:
+            raise SeFiError(f"'{name}': missing tensor '{key}'.")
+    try:
+        training = json.loads(meta.get("training", "{}"))
+    except json.JSONDecodeError:
+        raise SeFiError(f"'{name}': metadata 'training' is not valid JSON.") from None
+    identity = Identity(
+        family=family,
+        placeholder=meta.get("placeholder", ""),
+        init_word=meta.get("init_word", ""),
+        k={enc: tensors[f"k.{enc}"].float() for enc in encoders},
+        v={enc: tensors[f"v.{enc}"].float() for enc in encoders},
+        training=training,
+        reference_sha256=meta.get("reference_sha256", ""),
+        generator_state={k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")},
+    )
+    validate_identity(identity, f"'{name}'")
+    if str(identity.num_stages) != meta.get("stages"):
+        raise SeFiError(f"'{name}': metadata says {meta.get('stages')} stages but the tensors hold "
+                        f"{identity.num_stages}.")
+    return identity
+
+
+def safe_child_path(folder: str | os.PathLike, filename: str) -> Path:
+    """`folder/filename`, refusing names that would escape `folder` (path traversal)."""
+    folder = Path(folder).resolve()
+    if not filename or filename != filename.strip() or "\x00" in filename:
+        raise SeFiError(f"Invalid identity file name {filename!r}.")
+    candidate = (folder / filename).resolve()
+    if candidate.parent != folder and folder not in candidate.parents:
+        raise SeFiError(f"Identity file name {filename!r} points outside the identities folder; "
+                        f"use a plain file name.")
+    return candidate

@@ -1,0 +1,20 @@
+"""Timestep -> stage mapping (DESIGN §1): the 1000 training timesteps split evenly into S stages."""
+from __future__ import annotations
+
+import torch
+
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def stage_of_timestep(t: torch.Tensor | float | int, num_stages: int) -> torch.Tensor:
+    """stage(t) = min(S-1, floor(t*S/1000)); high t (early sampling) -> last stage index."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    stage = torch.floor(t * num_stages / NUM_TRAIN_TIMESTEPS).long()
+    return stage.clamp(0, num_stages - 1)
+
+
+def stage_timestep_range(stage: int, num_stages: int) -> tuple[int, int]:
+    """Inclusive integer timestep range [lo, hi] that maps to `stage`."""
+    lo = -(-stage * NUM_TRAIN_TIMESTEPS // num_stages)  # ceil
+    hi = -(-(stage + 1) * NUM_TRAIN_TIMESTEPS // num_stages) - 1
+    return lo, min(hi, NUM_TRAIN_TIMESTEPS - 1)

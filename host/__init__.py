@@ -1,0 +1,1 @@
+"""Bridges from the ComfyUI-free core to ComfyUI objects (CLIP, MODEL, VAE). Imports comfy lazily."""

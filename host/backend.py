@@ -1,0 +1,115 @@
+"""The ComfyUI implementation of `core.training.TrainingBackend`: the host's own CLIP, UNet and VAE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..attention_patch.capture import AttentionCapture
+from ..attention_patch.layers import cross_attention_layers, select_layers
+from ..attention_patch.per_stage_kv import FixedKVPatch
+from ..core.errors import SeFiError
+from ..core.identity import FAMILY_ENCODERS
+from ..core.settings import TrainSettings
+from .text import ENCODER_OF_KEY, check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_token_id
+
+
+def _merge_transformer_options(base: dict, kv_patch, replace: dict) -> dict:
+    """The model's own transformer options (other packs' patches keep running) plus ours."""
+    opts = dict(base)
+    patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
+    patches["attn2_patch"] = patches.get("attn2_patch", []) + [kv_patch]
+    opts["patches"] = patches
+    if replace:
+        patches_replace = {k: dict(v) for k, v in opts.get("patches_replace", {}).items()}
+        patches_replace["attn2"] = {**patches_replace.get("attn2", {}), **replace}
+        opts["patches_replace"] = patches_replace
+    return opts
+
+
+class ComfyTrainingBackend:
+    def __init__(self, model, clip, vae, settings: TrainSettings):
+        import comfy.model_management
+        import comfy.model_sampling
+
+        self.family = detect_family(clip, model)
+        if self.family != "sd1":
+            raise SeFiError("Learning identities on SDXL checkpoints is not implemented yet in this version; "
+                            "use a Stable Diffusion 1.x checkpoint.")
+        self.model = model
+        self.clip = clip
+        self.vae = vae
+        self.settings = settings
+        self.encoders = FAMILY_ENCODERS[self.family]
+        self.model_sampling = model.get_model_object("model_sampling")
+        if not isinstance(self.model_sampling, comfy.model_sampling.EPS):
+            raise SeFiError("This checkpoint is not an ε-prediction model (v-prediction or flow). SeFi-IDE learns on "
+                            "ε-prediction SD1.x / SDXL checkpoints.")
+        comfy.model_management.load_models_gpu([model])
+        self.device = model.load_device
+        self.unet = model.model.diffusion_model
+        self.layers = select_layers(cross_attention_layers(self.unet), settings.layers)
+        self.capture = AttentionCapture(self.layers)
+
+        placeholder = check_placeholder(settings.placeholder)
+        init_ids = word_token_id(clip, settings.init_word)
+        if "{word}" not in settings.reference_prompt:
+            raise SeFiError("The reference prompt must contain {word} where the person goes, e.g. "
+                            "'a photo of the face of {word}'.")
+        self.reference_text = settings.reference_prompt.replace("{word}", settings.init_word)
+        self.target = mark_prompt(clip, settings.reference_prompt.replace("{word}", placeholder), [placeholder])
+        self.placeholder = placeholder
+        places = self.target.positions[placeholder]["l"]
+        if len(places) != 1 or places[0][0] != 0:
+            raise SeFiError("The reference prompt must name {word} exactly once, within the first 75 tokens.")
+        self.placeholder_index = places[0][1]
+        ref_tokens = clip.tokenize(self.reference_text)
+        ref_ids = [t[0] for t in ref_tokens["l"][0]]
+        if ref_ids[self.placeholder_index] != init_ids["l"]:
+            raise SeFiError("The reference and target prompts do not line up token by token; use a reference prompt "
+                            "where {word} is a separate word.")
+        end_id = clip.tokenize("")["l"][0][1][0]
+        self.eos_index = ref_ids.index(end_id, 1)
+        self._ref_tokens = ref_tokens
+        self._init_ids = init_ids
+
+    # --- text -------------------------------------------------------------------------------
+    def base_vectors(self) -> dict[str, torch.Tensor]:
+        """e: the word embedding of the init word, per text encoder."""
+        out = {}
+        for key, token_id in self._init_ids.items():
+            enc = ENCODER_OF_KEY[key]
+            table = getattr(self.clip.cond_stage_model, enc).transformer.get_input_embeddings()
+            out[enc] = table.weight[token_id].detach().float().cpu().clone()
+        return out
+
+    def reference_context(self) -> torch.Tensor:
+        ctx, _ = encode_variants(self.clip, [self._ref_tokens])
+        return ctx.to(self.device)
+
+    def target_contexts(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = next(iter(rows.values())).shape[0]
+        variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
+        ctx, _ = encode_variants(self.clip, variants)
+        return ctx.to(self.device)
+
+    # --- images -----------------------------------------------------------------------------
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.permute(0, 2, 3, 1)  # ComfyUI IMAGE layout: B,H,W,C
+        return self.model.model.process_latent_in(self.vae.encode(pixels).float()).to(self.device)
+
+    def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
+        return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
+
+    # --- UNet -------------------------------------------------------------------------------
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool):
+        ms = self.model_sampling
+        sigma = ms.sigma(t.to(ms.sigmas.device)).to(self.device)
+        z0, eps = z0.to(self.device), eps.to(self.device)
+        x = ms.noise_scaling(sigma, eps, z0)  # z_t in the host's sigma parameterisation
+        opts = _merge_transformer_options(self.model.model_options.get("transformer_options", {}),
+                                          FixedKVPatch(context_k, context_v),
+                                          self.capture.replace_patches() if capture else {})
+        self.capture.take()
+        denoised = self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts)
+        eps_pred = (x - denoised) / sigma.view(-1, 1, 1, 1)  # ε_θ from the host's x0 output (ε-prediction)
+        return eps_pred, self.capture.take()

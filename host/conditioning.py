@@ -1,0 +1,59 @@
+"""Generation: per-stage K/V contexts for a prompt with placeholders -> patched MODEL + CONDITIONING."""
+from __future__ import annotations
+
+import torch
+
+from ..attention_patch.per_stage_kv import PerStageKVPatch
+from ..core.errors import SeFiError
+from ..core.identity import Identity
+from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt
+
+
+def build_stage_contexts(clip, text: str, identities: list[Identity]):
+    """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled).
+
+    All 2·S variants go through the text encoder in one batched call. The nominal context (what the
+    CONDITIONING carries, and what a model without our patch would see) and the pooled output both
+    come from the K path of the middle stage.
+    """
+    if not identities:
+        raise SeFiError("Connect at least one identity.")
+    stages = {i.num_stages for i in identities}
+    if len(stages) != 1:
+        raise SeFiError(f"Identities in one prompt must have the same number of stages, got {sorted(stages)}.")
+    S = stages.pop()
+    placeholders = [check_placeholder(i.placeholder) for i in identities]
+    if len(set(placeholders)) != len(placeholders):
+        raise SeFiError(f"Two identities share the placeholder {placeholders}; learn one under another name.")
+    marked = mark_prompt(clip, text, placeholders)
+    mid = S // 2
+    # variant j < S: K path of stage j; j >= S: V path of stage j - S. Encode the middle K first so
+    # that the pooled output the encoder returns (first variant only) is the nominal one.
+    order = [mid] + [j for j in range(2 * S) if j != mid]
+    variants = []
+    for j in order:
+        table = "k" if j < S else "v"
+        s = j % S
+        rows = {p: {enc: getattr(ident, table)[enc][s] for enc in ident.k} for p, ident in zip(placeholders, identities)}
+        variants.append(inject(marked, rows))
+    with torch.no_grad():
+        encoded, pooled = encode_variants(clip, variants)
+    contexts = torch.empty_like(encoded)
+    contexts[torch.tensor(order)] = encoded
+    return contexts[:S], contexts[S:], contexts[mid], pooled
+
+
+def apply_identities(model, clip, text: str, identities: list[Identity]):
+    """A clone of `model` with the per-stage K/V patch, and the CONDITIONING to sample with."""
+    family = detect_family(clip, model)
+    for ident in identities:
+        ident.check_family(family)
+    if family != "sd1":
+        raise SeFiError("Generating with identities on SDXL checkpoints is not implemented yet in this version; "
+                        "use a Stable Diffusion 1.x checkpoint.")
+    contexts_k, contexts_v, nominal, pooled = build_stage_contexts(clip, text, identities)
+    patched = model.clone()
+    patched.set_model_attn2_patch(PerStageKVPatch(nominal, contexts_k, contexts_v,
+                                                  model.get_model_object("model_sampling")))
+    conditioning = [[nominal.unsqueeze(0).clone(), {"pooled_output": pooled}]]
+    return patched, conditioning

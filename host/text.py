@@ -1,0 +1,145 @@
+"""Prompts with placeholders through ComfyUI's own CLIP, with identity vectors injected as rows.
+
+ComfyUI's tokenizer accepts a tensor in place of a token id (that is how `embedding:NAME` works), so
+the placeholder's row of E is replaced without a second copy of the text encoder. Each placeholder
+is swapped for a rare single-token marker word before tokenizing, then the marker positions are
+replaced by the vectors.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..core.errors import SeFiError
+from ..core.identity import FAMILY_NAMES
+
+ENCODER_OF_KEY = {"l": "clip_l", "g": "clip_g"}
+KEY_OF_ENCODER = {v: k for k, v in ENCODER_OF_KEY.items()}
+_MARKERS = ("sks", "ohwx", "zwx", "xqz", "bxq", "pqv", "jkz", "vzq")
+_BAD_PLACEHOLDER_CHARS = set("()[]{}:\\,")
+
+
+def detect_family(clip, model=None) -> str:
+    """'sd1' or 'sdxl' from the CLIP's encoders (and the UNet's context width when given)."""
+    if clip is None:
+        raise SeFiError("No CLIP connected. Connect the CLIP output of your checkpoint loader.")
+    keys = set(clip.tokenize("a").keys())
+    family = {frozenset({"l"}): "sd1", frozenset({"l", "g"}): "sdxl"}.get(frozenset(keys))
+    context_dim = None
+    if model is not None:
+        context_dim = model.model.model_config.unet_config.get("context_dim")
+    expected_dim = {"sd1": 768, "sdxl": 2048}
+    if family is None or (context_dim is not None and context_dim != expected_dim[family]):
+        raise SeFiError(
+            f"Unsupported model: text encoders {sorted(keys)}, UNet context width {context_dim}. SeFi-IDE supports "
+            f"{FAMILY_NAMES['sd1']} (CLIP-L, 768) and {FAMILY_NAMES['sdxl']} (CLIP-L + OpenCLIP-G, 2048) "
+            f"checkpoints, including their fine-tunes."
+        )
+    return family
+
+
+def check_placeholder(placeholder: str) -> str:
+    p = placeholder.strip()
+    if not p or any(c.isspace() for c in p) or _BAD_PLACEHOLDER_CHARS & set(p):
+        raise SeFiError(f"Placeholder {placeholder!r} must be one word without spaces or any of ( ) [ ] {{ }} : , "
+                        f"- for example <alice>.")
+    return p
+
+
+def _ids(tokens: dict, key: str) -> list[list]:
+    return [[t[0] for t in chunk] for chunk in tokens[key]]
+
+
+def word_token_id(clip, word: str) -> dict[str, int]:
+    """Token id of `word` in each encoder's vocabulary; the word must be exactly one token."""
+    empty = clip.tokenize("")
+    tokens = clip.tokenize(word)
+    out = {}
+    for key in tokens:
+        ids = _ids(tokens, key)[0]
+        end = _ids(empty, key)[0][1]
+        body = ids[1: ids.index(end, 1)] if end in ids[1:] else ids[1:]
+        if len(body) != 1 or not isinstance(body[0], int):
+            raise SeFiError(f"The word {word!r} is {len(body)} tokens for the text encoder; choose a word that is a "
+                            f"single token (for example 'person', 'man', 'woman').")
+        out[key] = body[0]
+    return out
+
+
+@dataclass
+class MarkedPrompt:
+    """A tokenized prompt with the token positions of each placeholder, per tokenizer key."""
+
+    tokens: dict
+    positions: dict[str, dict[str, list[tuple[int, int]]]]  # placeholder -> key -> [(chunk, index)]
+
+    def num_tokens(self) -> int:
+        return len(next(iter(self.tokens.values()))) * 77
+
+
+def mark_prompt(clip, text: str, placeholders: list[str]) -> MarkedPrompt:
+    """Tokenize `text`, recording where each placeholder is; every placeholder must occur."""
+    missing = [p for p in placeholders if p not in text]
+    if missing:
+        raise SeFiError(f"The prompt does not contain the placeholder(s) {', '.join(missing)}. Write them in the "
+                        f"prompt where the person goes, e.g. 'a photo of {missing[0]} at the beach'.")
+    markers: dict[str, str] = {}
+    candidates = [m for m in _MARKERS if m not in text.lower()]
+    for p in placeholders:
+        while candidates:
+            m = candidates.pop(0)
+            try:
+                word_token_id(clip, m)
+            except SeFiError:
+                continue
+            markers[p] = m
+            break
+        else:
+            raise SeFiError("Too many placeholders in one prompt (at most 8).")
+    marked_text = text
+    for p in sorted(placeholders, key=len, reverse=True):  # longest first: '<ab>' before '<a>'
+        marked_text = marked_text.replace(p, f" {markers[p]} ")
+    tokens = clip.tokenize(marked_text)
+    positions: dict[str, dict[str, list[tuple[int, int]]]] = {}
+    for p in placeholders:
+        ids = word_token_id(clip, markers[p])
+        positions[p] = {}
+        for key, chunks in tokens.items():
+            found = [(c, i) for c, chunk in enumerate(chunks) for i, t in enumerate(chunk) if t[0] == ids[key]]
+            if len(found) != text.count(p):
+                raise SeFiError(f"Could not locate placeholder {p} in the tokenized prompt; make sure it is a "
+                                f"separate word (spaces around it).")
+            positions[p][key] = found
+    return MarkedPrompt(tokens, positions)
+
+
+def inject(marked: MarkedPrompt, rows: dict[str, dict[str, torch.Tensor]]) -> dict:
+    """Tokens with each placeholder's positions replaced by its vector: rows[placeholder][encoder]."""
+    tokens = copy.copy(marked.tokens)
+    tokens = {key: [list(chunk) for chunk in chunks] for key, chunks in tokens.items()}
+    for p, by_key in marked.positions.items():
+        for key, places in by_key.items():
+            vec = rows[p][ENCODER_OF_KEY[key]]
+            for c, i in places:
+                tokens[key][c][i] = (vec,) + tuple(tokens[key][c][i][1:])
+    return tokens
+
+
+def _clone_saved_activations(t: torch.Tensor) -> torch.Tensor:
+    # ComfyUI's CLIP adds residuals in place (x += ...), which autograd rejects; saving a copy of each
+    # activation at save time makes the backward pass valid without touching the host's code.
+    return t.clone() if (t.requires_grad and t.grad_fn is not None) else t
+
+
+def encode_variants(clip, variants: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode several token dicts of equal length in ONE text-encoder call.
+
+    Returns contexts (V, T, D) and the pooled output of the first variant. Differentiable with
+    respect to injected vectors when called with gradients enabled.
+    """
+    merged = {key: [chunk for v in variants for chunk in v[key]] for key in variants[0]}
+    with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
+        cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
+    return cond.reshape(len(variants), -1, cond.shape[-1]), pooled

@@ -1,0 +1,117 @@
+"""Seeded tiny checkpoints that ComfyUI's own loaders accept (see shared/HOST_NOTES.md).
+
+SD1 family: a shallow UNet with SD1's widths (model_channels 320, context 768), plus a full
+CLIP-L and the standard SD VAE (ComfyUI leaves unloaded weights uninitialised, so every tensor
+must be in the file). Every tensor is filled from one seed, so the file is reproducible.
+Needs the ComfyUI tree importable (the harness puts it on sys.path first).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+TINY_SD1_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [1, 1, 1],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1],
+    "channel_mult": [1, 1, 1],
+    "transformer_depth_middle": -2,  # no middle block: smallest shape the SD1 detector accepts
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+SD_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+
+BUILDER_VERSION = "1"
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    return {k: (v.shape, v.dtype) for k, v in module.state_dict().items()}
+
+
+def _fill(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
+    """Seeded values with sane scales: unit norms, 1/sqrt(fan_in) weights, small biases."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(shapes):
+        shape, dtype = shapes[key]
+        if not dtype.is_floating_point:
+            out[key] = torch.arange(shape[-1]).expand(shape).clone().to(dtype) if len(shape) else torch.zeros(shape, dtype=dtype)
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        is_norm = any(n in key for n in ("norm", "ln_", "layer_norm")) and len(shape) == 1
+        if is_norm and leaf == "weight":
+            t = torch.ones(shape)
+        elif leaf == "bias" or len(shape) <= 1:
+            t = torch.randn(shape, generator=gen) * 0.01
+        elif "embedding" in key:
+            t = torch.randn(shape, generator=gen) * 0.02
+        else:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            t = torch.randn(shape, generator=gen) / fan_in ** 0.5
+        out[key] = t.to(torch.float16)
+    return out
+
+
+def _sd1_state_shapes() -> dict[str, tuple]:
+    import comfy.ops
+    import comfy.sd1_clip
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    ops = comfy.ops.disable_weight_init
+    shapes = {}
+    unet = UNetModel(**TINY_SD1_UNET, device="meta", operations=ops)
+    shapes.update({f"model.diffusion_model.{k}": v for k, v in _shapes(unet).items()})
+    clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
+    shapes.update({f"cond_stage_model.{k}": v for k, v in _shapes(clip).items()
+                   if "text_projection" not in k and "logit_scale" not in k})
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4)
+    shapes.update({f"first_stage_model.{k}": v for k, v in _shapes(vae).items()})
+    return shapes
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("SEFI_CACHE", Path.home() / ".cache" / "sefi-ide"))
+    return root / "tiny-checkpoints"
+
+
+def build_tiny_sd1_checkpoint(path: Path, seed: int = 0) -> Path:
+    """Write the tiny SD1 checkpoint to `path` (atomically) and return it."""
+    import safetensors.torch
+
+    tensors = _fill(_sd1_state_shapes(), seed)
+    tmp = path.with_suffix(".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # single-key metadata keeps the bytes identical between builds
+    safetensors.torch.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    return path
+
+
+def tiny_sd1_checkpoint(seed: int = 0) -> Path:
+    """The cached tiny SD1 checkpoint for `seed`, built on first use (outside the repository)."""
+    tag = hashlib.sha256(repr((BUILDER_VERSION, TINY_SD1_UNET, seed)).encode()).hexdigest()[:10]
+    path = cache_dir() / f"tiny-sd1-{seed}-{tag}.safetensors"
+    if not path.exists():
+        build_tiny_sd1_checkpoint(path, seed)
+    return path
