@@ -70,11 +70,30 @@ def _tensors(identity: Identity, include_generator: bool) -> dict[str, torch.Ten
     return out
 
 
+def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors layout with a key-sorted header: the same identity gives the same bytes
+    (the library's writer orders metadata keys by hash, so two saves can differ)."""
+    header: dict = {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        data = tensors[name].to(torch.float32).contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool = False,
                   include_generator: bool = True) -> Path:
     """Write atomically: a temporary file in the same folder, then a rename (never half a file)."""
-    import safetensors.torch
-
     path = Path(path)
     if path.exists() and not overwrite:
         raise SeFiError(f"'{path.name}' already exists. Choose another name or enable overwrite.")
@@ -94,7 +113,7 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        safetensors.torch.save_file(_tensors(identity, include_generator), tmp, metadata=metadata)
+        _write_safetensors(tmp, _tensors(identity, include_generator), metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,0 +1,49 @@
+"""Where the identity token attends, per stage: heat maps over the reference image."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.identity import Identity
+from ..core.settings import TrainSettings
+from ..core.stages import stage_timestep_range
+from .backend import ComfyTrainingBackend
+
+
+def _colorize(m: torch.Tensor) -> torch.Tensor:
+    """(H,W) in [0,1] -> (H,W,3) blue -> green -> red."""
+    r = (1.5 - (4 * m - 3).abs()).clamp(0, 1)
+    g = (1.5 - (4 * m - 2).abs()).clamp(0, 1)
+    b = (1.5 - (4 * m - 1).abs()).clamp(0, 1)
+    return torch.stack([r, g, b], dim=-1)
+
+
+def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Identity, seed: int = 0,
+                      overlay: float = 0.5) -> torch.Tensor:
+    """IMAGE (S,R,R,3): the placeholder token's attention, averaged over heads and the loss layers,
+    at the middle timestep of each stage, over the (1,3,R,R) reference."""
+    trained = identity.training
+    settings = TrainSettings(placeholder=identity.placeholder, init_word=identity.init_word,
+                             reference_prompt=trained.get("reference_prompt", TrainSettings.reference_prompt),
+                             layers=trained.get("layers", "auto"), num_stages=identity.num_stages)
+    backend = ComfyTrainingBackend(model, clip, vae, settings)
+    R = reference.shape[-1]
+    with torch.no_grad():
+        z0 = backend.latents(reference)
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+        frames = []
+        for s in range(identity.num_stages):
+            lo, hi = stage_timestep_range(s, identity.num_stages)
+            t = torch.tensor([(lo + hi) // 2])
+            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
+            ctx = backend.target_contexts(rows)
+            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True)
+            heat = torch.zeros(R, R)
+            for m in maps:
+                col = m[..., backend.placeholder_index].float().mean(0)  # mean over heads
+                side = int(col.numel() ** 0.5)
+                heat += F.interpolate(col.reshape(1, 1, side, side).cpu(), size=(R, R), mode="bilinear")[0, 0]
+            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+            image = reference[0].permute(1, 2, 0).cpu()
+            frames.append((1 - overlay) * image + overlay * _colorize(heat))
+    return torch.stack(frames).clamp(0, 1)

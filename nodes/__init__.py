@@ -1,0 +1,26 @@
+"""Node registration only. Node IDs are stable forever: saved workflows depend on them."""
+from .apply import ApplyPerStageIDTokens
+from .common import register_identity_folder
+from .files import LoadIDEmbedding, SaveIDEmbedding
+from .heatmap import IDAttentionHeatmap
+from .learn import FaceAttentionLossTrainer, LearnIDEmbedding
+
+register_identity_folder()
+
+NODE_CLASS_MAPPINGS = {
+    "LearnIDEmbedding": LearnIDEmbedding,
+    "FaceAttentionLossTrainer": FaceAttentionLossTrainer,
+    "ApplyPerStageIDTokens": ApplyPerStageIDTokens,
+    "SaveIDEmbedding": SaveIDEmbedding,
+    "LoadIDEmbedding": LoadIDEmbedding,
+    "IDAttentionHeatmap": IDAttentionHeatmap,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LearnIDEmbedding": "Learn ID Embedding (SeFi-IDE)",
+    "FaceAttentionLossTrainer": "Face Attention Loss Trainer (SeFi-IDE)",
+    "ApplyPerStageIDTokens": "Apply Per-Stage ID Tokens (SeFi-IDE)",
+    "SaveIDEmbedding": "Save ID Embedding (SeFi-IDE)",
+    "LoadIDEmbedding": "Load ID Embedding (SeFi-IDE)",
+    "IDAttentionHeatmap": "ID Attention Heatmap (SeFi-IDE)",
+}

@@ -1,0 +1,37 @@
+"""Shared bits of the node classes: the identity type, the identities folder, progress and cancel."""
+from __future__ import annotations
+
+import os
+
+IDENTITY = "SEFI_IDENTITY"
+CATEGORY = "SeFi-IDE"
+FOLDER = "sefi_identities"
+
+
+def register_identity_folder() -> None:
+    """models/sefi_identities, registered with folder_paths (dropdowns, extra_model_paths.yaml)."""
+    import folder_paths
+
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+
+
+def identity_folder() -> str:
+    import folder_paths
+
+    register_identity_folder()
+    return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def progress_callback(total: int):
+    """ComfyUI progress bar + cancel: the interrupt is checked once per training step."""
+    import comfy.model_management
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+
+    def on_step(step: int, steps: int, record: dict) -> None:
+        bar.update_absolute(step, steps)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return on_step

@@ -1,0 +1,58 @@
+"""Save / load identity files in models/sefi_identities (safetensors only)."""
+from __future__ import annotations
+
+from ..core.errors import SeFiError
+from ..core.identity import load_identity, safe_child_path, save_identity
+from .common import CATEGORY, FOLDER, IDENTITY, identity_folder, register_identity_folder
+
+
+class SaveIDEmbedding:
+    DESCRIPTION = "Save an identity as a small .safetensors file in models/sefi_identities to share or reuse."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "identity": (IDENTITY, {"tooltip": "The identity to save."}),
+            "filename": ("STRING", {"default": "my_person", "tooltip": "File name in models/sefi_identities "
+                                                                       "(.safetensors is added)."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+            "include_generator": ("BOOLEAN", {"default": True, "tooltip": "Also store the generator weights "
+                                              "(~25 MB) so training can be resumed. Off: ~30 KB tokens only."}),
+        }}
+
+    def save(self, identity, filename, overwrite, include_generator):
+        name = filename.strip()
+        if not name.endswith(".safetensors"):
+            name += ".safetensors"
+        path = safe_child_path(identity_folder(), name)
+        save_identity(identity, path, overwrite=overwrite, include_generator=include_generator)
+        return {"ui": {"text": [path.name]}, "result": ()}
+
+
+class LoadIDEmbedding:
+    DESCRIPTION = "Load an identity file from models/sefi_identities."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        register_identity_folder()
+        return {"required": {"identity_file": (folder_paths.get_filename_list(FOLDER),
+                                               {"tooltip": "An identity saved by 'Save ID Embedding'."})}}
+
+    def load(self, identity_file):
+        import folder_paths
+
+        path = folder_paths.get_full_path(FOLDER, identity_file)
+        if path is None:
+            raise SeFiError(f"Identity file '{identity_file}' not found in models/{FOLDER}.")
+        safe_child_path(identity_folder(), identity_file)
+        return (load_identity(path),)

@@ -1,0 +1,33 @@
+"""IDAttentionHeatmap: where the identity token attends at each stage, as pictures."""
+from __future__ import annotations
+
+from ..host.heatmap import identity_heatmaps
+from ..host.images import prepare_reference
+from .common import CATEGORY, IDENTITY
+
+
+class IDAttentionHeatmap:
+    DESCRIPTION = ("Heat maps of the identity token's cross-attention over the photo, one image per stage "
+                   "(early/layout stage last). A good identity attends to the face, not the background.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("heatmaps",)
+    OUTPUT_TOOLTIPS = ("One overlay per stage (stage 0 = detail, last = layout).",)
+    FUNCTION = "render"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SD1.x MODEL the identity was learned on."}),
+            "clip": ("CLIP", {"tooltip": "The same checkpoint's CLIP."}),
+            "vae": ("VAE", {"tooltip": "The same checkpoint's VAE."}),
+            "image": ("IMAGE", {"tooltip": "The reference photo (or any face photo)."}),
+            "identity": (IDENTITY, {"tooltip": "The identity to inspect."}),
+            "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                   "tooltip": "Size of the square the photo is cropped to."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed."}),
+        }}
+
+    def render(self, model, clip, vae, image, identity, resolution, seed):
+        reference, _ = prepare_reference(image, None, resolution)
+        return (identity_heatmaps(model, clip, vae, reference, identity, seed=seed),)

@@ -1,0 +1,114 @@
+"""LearnIDEmbedding (the simple path) and FaceAttentionLossTrainer (every knob)."""
+from __future__ import annotations
+
+from ..core.losses import TokenOption
+from ..core.settings import DEFAULT_STEPS, TrainSettings
+from ..core.training import train_identity
+from ..host.backend import ComfyTrainingBackend
+from ..host.grad_scope import training_scope
+from ..host.images import prepare_reference
+from .common import CATEGORY, IDENTITY, progress_callback
+
+TOKEN_OPTIONS = {
+    "3: all 77 token maps (paper's best)": TokenOption.ALL,
+    "2: BOS..EOS token maps": TokenOption.PROMPT,
+    "1: placeholder map only": TokenOption.PLACEHOLDER,
+}
+
+_BASE_INPUTS = {
+    "model": ("MODEL", {"tooltip": "A Stable Diffusion 1.x checkpoint's MODEL (ε-prediction). It is not modified."}),
+    "clip": ("CLIP", {"tooltip": "The same checkpoint's CLIP. It is not modified."}),
+    "vae": ("VAE", {"tooltip": "The same checkpoint's VAE, used to encode the photo."}),
+    "image": ("IMAGE", {"tooltip": "ONE face photo (a batch of 1). Cropped to a centred square."}),
+    "placeholder": ("STRING", {"default": "<id>", "tooltip": "The word you will write in prompts for this person, "
+                                                             "e.g. <alice>. One word, no spaces."}),
+    "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 5000, "tooltip": "Optimisation steps. 400 is "
+                                                                                "the default; more rarely helps."}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                     "tooltip": "Same seed, same image, same settings -> the same identity file."}),
+}
+_MASK_INPUT = {"mask": ("MASK", {"tooltip": "Optional: restrict the denoising loss to this region (e.g. the face)."})}
+
+
+def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
+    reference, ref_mask = prepare_reference(image, mask, settings.resolution)
+    with training_scope():
+        backend = ComfyTrainingBackend(model, clip, vae, settings)
+        result = train_identity(backend, reference, settings, mask=ref_mask,
+                                on_step=progress_callback(settings.steps), resume=resume)
+    return result
+
+
+class LearnIDEmbedding:
+    DESCRIPTION = ("Learn an identity from one face photo (SeFi-IDE, the paper's defaults). Write the placeholder "
+                   "in prompts of 'Apply Per-Stage ID Tokens' to put the person in any scene.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("The learned identity: per-stage K/V tokens. Save it with 'Save ID Embedding'.",)
+    FUNCTION = "learn"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": dict(_BASE_INPUTS), "optional": dict(_MASK_INPUT)}
+
+    def learn(self, model, clip, vae, image, placeholder, steps, seed, mask=None):
+        settings = TrainSettings(steps=steps, seed=seed, placeholder=placeholder.strip())
+        return (run_training(model, clip, vae, image, settings, mask).identity,)
+
+
+class FaceAttentionLossTrainer:
+    DESCRIPTION = "Learn an identity with every knob of the face-wise attention loss and the training exposed."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identity",)
+    OUTPUT_TOOLTIPS = ("The learned identity (with generator weights, so training can be resumed).",)
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        d = TrainSettings()
+        required = dict(_BASE_INPUTS)
+        required.update({
+            "init_word": ("STRING", {"default": d.init_word, "tooltip": "Word whose embedding starts the identity; "
+                                                                         "also the reference word. One token."}),
+            "reference_prompt": ("STRING", {"default": d.reference_prompt, "tooltip": "Prompt whose attention maps "
+                                            "the identity must match; {word} is the init word / the placeholder."}),
+            "attn_lambda": ("FLOAT", {"default": d.attn_lambda, "min": 0.0, "max": 1000.0, "step": 0.0001,
+                                      "tooltip": "λ: weight of the face-wise attention loss (0 disables it)."}),
+            "token_option": (list(TOKEN_OPTIONS), {"tooltip": "Which token maps the attention loss compares."}),
+            "layers": ("STRING", {"default": d.layers, "tooltip": "Cross-attention layers of the loss: 'auto' (maps "
+                                  "at 1/4 of the latent size), 'all', or names like input.7.0,output.3.0."}),
+            "stages": ("INT", {"default": d.num_stages, "min": 1, "max": 10, "tooltip": "Per-stage tokens: the 1000 "
+                               "timesteps are split evenly into this many stages."}),
+            "kv_split": ("BOOLEAN", {"default": d.kv_split, "tooltip": "Separate tokens for K and V (the paper). "
+                                     "Off: V uses the K token."}),
+            "lr": ("FLOAT", {"default": d.lr, "min": 1e-6, "max": 1.0, "step": 0.0001, "tooltip": "Adam learning rate."}),
+            "resolution": ("INT", {"default": d.resolution, "min": 64, "max": 2048, "step": 64,
+                                   "tooltip": "Training resolution in pixels (square)."}),
+            "color_jitter": ("FLOAT", {"default": d.color_jitter, "min": 0.0, "max": 1.0, "step": 0.01,
+                                       "tooltip": "Brightness/contrast/saturation jitter strength (0 = off)."}),
+            "flip_p": ("FLOAT", {"default": d.flip_p, "min": 0.0, "max": 1.0, "step": 0.05,
+                                 "tooltip": "Probability of a horizontal flip."}),
+            "scale_min": ("FLOAT", {"default": d.scale_min, "min": 0.25, "max": 2.0, "step": 0.05,
+                                    "tooltip": "Smallest random scale."}),
+            "scale_max": ("FLOAT", {"default": d.scale_max, "min": 0.25, "max": 2.0, "step": 0.05,
+                                    "tooltip": "Largest random scale."}),
+            "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 16,
+                                   "tooltip": "Augmented copies per step."}),
+        })
+        optional = dict(_MASK_INPUT)
+        optional["resume_from"] = (IDENTITY, {"tooltip": "Continue training an identity saved with its generator."})
+        return {"required": required, "optional": optional}
+
+    def train(self, model, clip, vae, image, placeholder, steps, seed, init_word, reference_prompt, attn_lambda,
+              token_option, layers, stages, kv_split, lr, resolution, color_jitter, flip_p, scale_min, scale_max,
+              batch_size, mask=None, resume_from=None):
+        settings = TrainSettings(
+            steps=steps, seed=seed, lr=lr, attn_lambda=attn_lambda, token_option=TOKEN_OPTIONS[token_option],
+            num_stages=stages, kv_split=kv_split, placeholder=placeholder.strip(), init_word=init_word.strip(),
+            reference_prompt=reference_prompt, layers=layers, resolution=resolution, color_jitter=color_jitter,
+            flip_p=flip_p, scale_min=min(scale_min, scale_max), scale_max=max(scale_min, scale_max),
+            batch_size=batch_size,
+        )
+        return (run_training(model, clip, vae, image, settings, mask, resume_from).identity,)

@@ -1,0 +1,150 @@
+"""Pure-torch core: no ComfyUI needed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sefi_ide.core.errors import SeFiError
+from sefi_ide.core.generator import TokenGenerator
+from sefi_ide.core.identity import Identity, load_identity, safe_child_path, save_identity
+from sefi_ide.core.losses import TokenOption, attention_loss, ldm_loss
+from sefi_ide.core.stages import stage_of_timestep, stage_timestep_range
+
+
+def make_identity(family="sd1", stages=5, seed=0) -> Identity:
+    g = torch.Generator().manual_seed(seed)
+    widths = {"sd1": {"clip_l": 768}, "sdxl": {"clip_l": 768, "clip_g": 1280}}[family]
+    return Identity(family=family, placeholder="<alice>", init_word="person",
+                    k={e: torch.randn(stages, w, generator=g) for e, w in widths.items()},
+                    v={e: torch.randn(stages, w, generator=g) for e, w in widths.items()},
+                    training={"steps": 3}, reference_sha256="ab" * 32,
+                    generator_state={"clip_l.positions": torch.randn(2 * stages, 768, generator=g)})
+
+
+def test_stage_mapping_splits_timesteps_evenly():
+    t = torch.arange(1000)
+    stages = stage_of_timestep(t, 5)
+    assert stages.tolist() == [i // 200 for i in range(1000)]
+    assert stage_of_timestep(999, 5).item() == 4 and stage_of_timestep(1000, 5).item() == 4
+    for S in (1, 3, 7, 10):
+        st = stage_of_timestep(t, S)
+        for s in range(S):
+            lo, hi = stage_timestep_range(s, S)
+            assert (st[lo: hi + 1] == s).all() and (lo == 0 or st[lo - 1] == s - 1)
+
+
+def test_generator_starts_at_init_word_and_gives_distinct_tokens_after_a_step():
+    base = torch.randn(768) * 0.02
+    gen = TokenGenerator(base, num_stages=5)
+    k, v = gen()
+    assert k.shape == v.shape == (5, 768)
+    assert torch.allclose(k, base.expand(5, -1)) and torch.allclose(v, base.expand(5, -1))
+    opt = torch.optim.Adam(gen.parameters(), lr=0.005)
+    target = torch.randn(10, 768)
+    loss = ((torch.cat(gen()) - target) ** 2).mean()
+    loss.backward()
+    opt.step()
+    k2, v2 = gen()
+    assert not torch.allclose(k2, k)
+    assert (k2 - base).norm(dim=-1).max() < 10 * base.norm()  # one step moves tokens, does not blow them up
+    assert len({tuple(r.tolist()) for r in torch.cat([k2, v2])}) == 10
+
+
+def test_attention_loss_options_select_the_right_maps():
+    tgt = torch.zeros(2, 4, 77)
+    ref = torch.zeros(2, 4, 77)
+    tgt[..., 7] = 1.0  # differs only in the placeholder column
+    tgt[..., 20] = 1.0  # and in a padding column after EOS (index 9)
+    one = attention_loss([tgt], [ref], TokenOption.PLACEHOLDER, placeholder=7, eos=9)
+    two = attention_loss([tgt], [ref], TokenOption.PROMPT, placeholder=7, eos=9)
+    three = attention_loss([tgt], [ref], TokenOption.ALL, placeholder=7, eos=9)
+    assert one.item() == pytest.approx(4.0) and two.item() == pytest.approx(4.0) and three.item() == pytest.approx(8.0)
+
+
+def test_ldm_loss_mask_restricts_region():
+    eps = torch.zeros(1, 4, 8, 8)
+    pred = torch.zeros(1, 4, 8, 8)
+    pred[..., :4] = 1.0
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    assert ldm_loss(eps, pred, mask).item() == 0.0
+    assert ldm_loss(eps, pred).item() == pytest.approx(0.5)
+
+
+def test_identity_file_round_trips_bit_exactly(tmp_path):
+    ident = make_identity("sdxl")
+    path = save_identity(ident, tmp_path / "a.safetensors")
+    back = load_identity(path)
+    for enc in ident.k:
+        assert torch.equal(back.k[enc], ident.k[enc]) and torch.equal(back.v[enc], ident.v[enc])
+    assert torch.equal(back.generator_state["clip_l.positions"], ident.generator_state["clip_l.positions"])
+    assert (back.family, back.placeholder, back.init_word, back.training, back.reference_sha256) == (
+        "sdxl", "<alice>", "person", {"steps": 3}, "ab" * 32)
+    save_identity(back, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_tokens_only_file_is_small(tmp_path):
+    path = save_identity(make_identity(), tmp_path / "a.safetensors", include_generator=False)
+    assert path.stat().st_size < 40_000
+
+
+def test_save_refuses_to_overwrite_and_leaves_no_temp_files(tmp_path):
+    save_identity(make_identity(seed=1), tmp_path / "a.safetensors")
+    before = (tmp_path / "a.safetensors").read_bytes()
+    with pytest.raises(SeFiError, match="already exists"):
+        save_identity(make_identity(seed=2), tmp_path / "a.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == before
+    bad = make_identity()
+    bad.k["clip_l"] = torch.full((5, 768), float("nan"))
+    with pytest.raises(SeFiError, match="NaN"):
+        save_identity(bad, tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def _write_raw(path, tensors, meta):
+    import safetensors.torch
+
+    safetensors.torch.save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("truncated", "truncated or corrupted"),
+    ("wrong_shape", "has shape"),
+    ("future", "newer pack"),
+    ("not_identity", "not a SeFi-IDE identity"),
+    ("pickle", "safetensors only"),
+])
+def test_bad_files_are_refused_with_a_message_naming_the_file(tmp_path, case, match):
+    path = save_identity(make_identity(), tmp_path / "id.safetensors")
+    meta = {"format": "sefi-ide-identity", "format_version": "1", "family": "sd1", "stages": "5",
+            "placeholder": "<a>", "init_word": "person", "training": json.dumps({})}
+    if case == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "wrong_shape":
+        _write_raw(path, {"k.clip_l": torch.zeros(5, 1280), "v.clip_l": torch.zeros(5, 1280)}, meta)
+    elif case == "future":
+        _write_raw(path, {"k.clip_l": torch.zeros(5, 768), "v.clip_l": torch.zeros(5, 768)},
+                   dict(meta, format_version="99"))
+    elif case == "not_identity":
+        _write_raw(path, {"x": torch.zeros(1)}, {"format": "pt"})
+    elif case == "pickle":
+        path = tmp_path / "id.pt"
+        torch.save({"k": 1}, path)
+    with pytest.raises(SeFiError, match=match) as err:
+        load_identity(path)
+    assert path.name in str(err.value)
+
+
+def test_family_mismatch_names_both_families():
+    with pytest.raises(SeFiError, match="SDXL.*Stable Diffusion 1.x"):
+        make_identity("sdxl").check_family("sd1")
+
+
+@pytest.mark.parametrize("name", ["../evil.safetensors", "/etc/passwd", "a/../../b.safetensors", ""])
+def test_file_names_cannot_escape_the_identities_folder(tmp_path, name):
+    with pytest.raises(SeFiError):
+        safe_child_path(tmp_path / "ids", name)
