@@ -139,3 +139,74 @@ def test_same_seed_gives_the_same_identity_file(sd1, tmp_path):
     with torch.inference_mode():
         other, = LearnIDEmbedding().learn(model, clip, vae, _photo(), "<alice>", 2, 8)
     assert save_identity(other, tmp_path / "x.safetensors").read_bytes() != files[0]
+
+
+def _training_setup(sd1, **overrides):
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.images import prepare_reference
+
+    model, clip, vae = sd1
+    settings = TrainSettings(resolution=64, color_jitter=0.0, flip_p=0.0, scale_min=1.0, scale_max=1.0,
+                             placeholder="<alice>", **overrides)
+    reference, _ = prepare_reference(_photo(), None, 64)
+    return settings, reference, ComfyTrainingBackend(model, clip, vae, settings)
+
+
+def _eval_draws(backend, reference, n=10):
+    g = torch.Generator().manual_seed(123)
+    z0 = backend.latents(reference)
+    t = torch.linspace(50, 950, n).long()
+    return z0, t, [torch.randn(z0.shape, generator=g) for _ in range(n)]
+
+
+def _eval(backend, identity, reference, what):
+    """Mean L_LDM, or mean L_attn distance to the reference maps, over fixed (t, ε) draws."""
+    from sefi_ide.core.losses import TokenOption, attention_loss, ldm_loss
+    from sefi_ide.core.stages import stage_of_timestep
+
+    z0, ts, noises = _eval_draws(backend, reference)
+    ref_ctx = backend.reference_context()
+    out = []
+    for t, eps in zip(ts, noises):
+        s = int(stage_of_timestep(t, identity.num_stages))
+        ctx = backend.target_contexts({"clip_l": torch.stack([identity.k["clip_l"][s], identity.v["clip_l"][s]])})
+        pred, maps = backend.predict_noise(z0, eps, t[None], ctx[:1], ctx[1:], capture=True)
+        if what == "ldm":
+            out.append(ldm_loss(eps, pred).item())
+        else:
+            _, ref_maps = backend.predict_noise(z0, eps, t[None], ref_ctx, ref_ctx, capture=True)
+            out.append(attention_loss(maps, ref_maps, TokenOption.ALL, backend.placeholder_index,
+                                      backend.eos_index).item())
+    return sum(out) / len(out)
+
+
+def _train(sd1, **overrides):
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.grad_scope import training_scope
+
+    settings, reference, backend = _training_setup(sd1, **overrides)
+    with training_scope():
+        result = train_identity(backend, reference, settings)
+    return result, backend, reference
+
+
+def test_training_lowers_the_denoising_loss_on_the_reference(sd1):
+    from sefi_ide.core.training import _build_generators, _finish
+
+    result, backend, reference = _train(sd1, steps=15, attn_lambda=0.0, seed=0)
+    settings = _training_setup(sd1, steps=0)[0]
+    untrained = _finish(_build_generators(backend.base_vectors(), settings, None), settings, reference, "sd1")
+    with torch.no_grad():
+        before = _eval(backend, untrained, reference, "ldm")
+        after = _eval(backend, result.identity, reference, "ldm")
+    assert after < before, (before, after)
+
+
+def test_attention_loss_moves_identity_maps_toward_the_reference(sd1):
+    plain, backend, reference = _train(sd1, steps=8, attn_lambda=0.0, seed=0)
+    guided, _, _ = _train(sd1, steps=8, attn_lambda=1000.0, seed=0)
+    with torch.no_grad():
+        d_plain = _eval(backend, plain.identity, reference, "attn")
+        d_guided = _eval(backend, guided.identity, reference, "attn")
+    assert d_guided < d_plain, (d_plain, d_guided)
