@@ -34,7 +34,7 @@ def prepare_reference(image: torch.Tensor, mask: torch.Tensor | None, resolution
     elif c != 3:
         raise SeFiError(f"The image has {c} channels; expected RGB (3), RGBA (4) or grayscale (1).")
     pixels = image.float().clamp(0, 1)
-    if pixels.max() - pixels.min() < 1e-3:
+    if (pixels.amax(dim=(1, 2)) - pixels.amin(dim=(1, 2))).max() < 1e-3:  # flat in every channel
         raise SeFiError("The image is blank (a single flat colour). Connect a photo of a face.")
     x = pixels.permute(0, 3, 1, 2)
     m = None

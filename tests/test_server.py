@@ -1,0 +1,130 @@
+"""End to end on a real ComfyUI server: this pack loads from custom_nodes and graphs run over HTTP."""
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.server
+
+OUR_NODES = {"LearnIDEmbedding", "FaceAttentionLossTrainer", "ApplyPerStageIDTokens", "SaveIDEmbedding",
+             "LoadIDEmbedding", "IDAttentionHeatmap"}
+
+
+def run_prompt(server, graph: dict, timeout: float = 400) -> dict:
+    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": str(uuid.uuid4())}, timeout=30)
+    assert r.ok, r.text
+    prompt_id = r.json()["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = requests.get(f"{server['url']}/history/{prompt_id}", timeout=30).json()
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+
+def checkpoint_nodes(steps=3, text="a photo of a person"):
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny-sd1.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
+            "seed": 1, "steps": steps, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "plain"}},
+    }
+
+
+def test_object_info_lists_every_node_with_tooltips(server):
+    info = requests.get(f"{server['url']}/object_info", timeout=30).json()
+    assert OUR_NODES <= set(info), sorted(OUR_NODES - set(info))
+    learn = info["LearnIDEmbedding"]["input"]["required"]
+    assert {"model", "clip", "vae", "image", "placeholder", "steps", "seed"} <= set(learn)
+    assert "mask" in info["LearnIDEmbedding"]["input"]["optional"]
+    for name in OUR_NODES:
+        for section in info[name]["input"].values():
+            for inp, spec in section.items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+
+
+def test_plain_text_to_image_graph_writes_an_image(server):
+    entry = run_prompt(server, checkpoint_nodes())
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    images = entry["outputs"]["save"]["images"]
+    assert (server["base"] / "output" / images[0]["filename"]).is_file()
+
+
+def test_learn_save_load_apply_sample_over_http(server):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    photo = (rng.random((96, 96, 3)) * 255).astype("uint8")
+    (server["base"] / "input").mkdir(exist_ok=True)
+    Image.fromarray(photo).save(server["base"] / "input" / "face.png")
+    graph = checkpoint_nodes(text="unused")
+    graph.update({
+        "img": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "learn": {"class_type": "LearnIDEmbedding", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["img", 0],
+            "placeholder": "<bob>", "steps": 2, "seed": 0}},
+        "savid": {"class_type": "SaveIDEmbedding", "inputs": {
+            "identity": ["learn", 0], "filename": "bob", "overwrite": True, "include_generator": False}},
+        "apply": {"class_type": "ApplyPerStageIDTokens", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "text": "<bob> riding a bike", "identity": ["learn", 0]}},
+    })
+    graph["sample"]["inputs"]["model"] = ["apply", 0]
+    graph["sample"]["inputs"]["positive"] = ["apply", 1]
+    entry = run_prompt(server, graph)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = server["base"] / "models" / "sefi_identities" / "bob.safetensors"
+    assert saved.is_file() and saved.stat().st_size < 40_000
+
+    # the saved file appears in the loader's dropdown and generates again
+    info = requests.get(f"{server['url']}/object_info/LoadIDEmbedding", timeout=30).json()
+    assert "bob.safetensors" in info["LoadIDEmbedding"]["input"]["required"]["identity_file"][0]
+    graph2 = checkpoint_nodes()
+    graph2["load"] = {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": "bob.safetensors"}}
+    graph2["apply"] = {"class_type": "ApplyPerStageIDTokens", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "text": "<bob> eyes closed", "identity": ["load", 0]}}
+    graph2["sample"]["inputs"]["model"] = ["apply", 0]
+    graph2["sample"]["inputs"]["positive"] = ["apply", 1]
+    assert run_prompt(server, graph2)["status"]["status_str"] == "success"
+
+
+def _learn_apply_graph(image_name: str, text: str) -> dict:
+    graph = checkpoint_nodes()
+    graph["img"] = {"class_type": "LoadImage", "inputs": {"image": image_name}}
+    graph["learn"] = {"class_type": "LearnIDEmbedding", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "image": ["img", 0],
+        "placeholder": "<bob>", "steps": 1, "seed": 0}}
+    graph["apply"] = {"class_type": "ApplyPerStageIDTokens", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "text": text, "identity": ["learn", 0]}}
+    graph["sample"]["inputs"]["model"] = ["apply", 0]
+    graph["sample"]["inputs"]["positive"] = ["apply", 1]
+    return graph
+
+
+@pytest.mark.parametrize("image_kind,text,expected", [
+    ("flat", "<bob> at the beach", "blank"),
+    ("noise", "a photo with no placeholder", "does not contain the placeholder(s) <bob>"),
+])
+def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, image_kind, text, expected):
+    import numpy as np
+    from PIL import Image
+
+    (server["base"] / "input").mkdir(exist_ok=True)
+    if image_kind == "flat":
+        Image.new("RGB", (80, 80), (200, 120, 90)).save(server["base"] / "input" / "bad.png")
+    else:
+        pixels = (np.random.default_rng(1).random((80, 80, 3)) * 255).astype("uint8")
+        Image.fromarray(pixels).save(server["base"] / "input" / "bad.png")
+    entry = run_prompt(server, _learn_apply_graph("bad.png", text))
+    assert entry["status"]["status_str"] == "error"
+    assert expected in str(entry["status"]["messages"])
+    assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
