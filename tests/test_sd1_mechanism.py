@@ -210,3 +210,28 @@ def test_attention_loss_moves_identity_maps_toward_the_reference(sd1):
         d_plain = _eval(backend, plain.identity, reference, "attn")
         d_guided = _eval(backend, guided.identity, reference, "attn")
     assert d_guided < d_plain, (d_plain, d_guided)
+
+
+def test_heatmap_node_gives_one_overlay_per_stage(sd1):
+    from sefi_ide.nodes.heatmap import IDAttentionHeatmap
+
+    model, clip, vae = sd1
+    ident = random_identity(clip)
+    ident.training = {"layers": "auto"}
+    with torch.inference_mode():
+        maps, = IDAttentionHeatmap().render(model, clip, vae, _photo(), ident, 64, 0)
+    assert maps.shape == (5, 64, 64, 3) and 0 <= maps.min() and maps.max() <= 1
+    assert not torch.allclose(maps[0], maps[-1])  # stages use different tokens -> different maps
+
+
+def test_mask_restricts_what_the_identity_learns(sd1):
+    from sefi_ide.nodes.learn import LearnIDEmbedding
+
+    model, clip, vae = sd1
+    photo = _photo()
+    mask = torch.zeros(1, *photo.shape[1:3])
+    mask[:, 20:70, 20:60] = 1.0
+    with torch.inference_mode():
+        free, = LearnIDEmbedding().learn(model, clip, vae, photo, "<alice>", 2, 0)
+        masked, = LearnIDEmbedding().learn(model, clip, vae, photo, "<alice>", 2, 0, mask=mask)
+    assert not torch.equal(free.k["clip_l"], masked.k["clip_l"])

@@ -128,3 +128,29 @@ def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, imag
     assert entry["status"]["status_str"] == "error"
     assert expected in str(entry["status"]["messages"])
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
+
+
+def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(server):
+    import numpy as np
+    from PIL import Image
+
+    (server["base"] / "input").mkdir(exist_ok=True)
+    pixels = (np.random.default_rng(2).random((80, 80, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(server["base"] / "input" / "long.png")
+    graph = _learn_apply_graph("long.png", "<bob> at the beach")
+    graph["learn"]["inputs"]["steps"] = 500
+    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph}, timeout=30)
+    prompt_id = r.json()["prompt_id"]
+    time.sleep(12)  # model load + a few training steps
+    started = time.time()
+    requests.post(f"{server['url']}/interrupt", timeout=30)
+    while time.time() - started < 60:
+        hist = requests.get(f"{server['url']}/history/{prompt_id}", timeout=30).json()
+        if prompt_id in hist:
+            break
+        time.sleep(0.2)
+    stopped_after = time.time() - started
+    status = hist[prompt_id]["status"]
+    assert status["status_str"] == "error" and "interrupted" in str(status["messages"]).lower()
+    assert stopped_after < 10, stopped_after  # one step on the tiny model takes ~1-2 s on the CPU
+    assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
