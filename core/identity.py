@@ -85,8 +85,7 @@ def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: di
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
-        for blob in blobs:
-            f.write(blob)
+        f.writelines(blobs)
         f.flush()
         os.fsync(f.fileno())
 
@@ -158,7 +157,7 @@ def load_identity(path: str | os.PathLike) -> Identity:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:  # safetensors raises its own error types for truncation/corruption
         raise SeFiError(f"'{name}': not a readable safetensors file ({exc}). It may be truncated or "
                         f"corrupted; save or download it again.") from exc

@@ -6,7 +6,7 @@ import torch
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def stage_of_timestep(t: torch.Tensor | float | int, num_stages: int) -> torch.Tensor:
+def stage_of_timestep(t: torch.Tensor | float, num_stages: int) -> torch.Tensor:
     """stage(t) = min(S-1, floor(t*S/1000)); high t (early sampling) -> last stage index."""
     t = torch.as_tensor(t, dtype=torch.float64)
     stage = torch.floor(t * num_stages / NUM_TRAIN_TIMESTEPS).long()

@@ -5,8 +5,9 @@ Host-free: everything that touches the diffusion model goes through a `TrainingB
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 

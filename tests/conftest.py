@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import harness
 
 harness.register_pack_namespace()
 
@@ -61,7 +61,7 @@ def server(comfy_host, tiny_sd1_path, tmp_path_factory):
     (base / "models" / "checkpoints").mkdir(parents=True)
     os.symlink(tiny_sd1_path, base / "models" / "checkpoints" / "tiny-sd1.safetensors")
     port = _free_port()
-    log = open(base / "server.log", "w")
+    log = open(base / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from sefi_ide.core.errors import SeFiError
 from sefi_ide.core.generator import TokenGenerator
 from sefi_ide.core.identity import Identity, load_identity, safe_child_path, save_identity

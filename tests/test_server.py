@@ -60,8 +60,8 @@ def test_plain_text_to_image_graph_writes_an_image(server):
 
 
 def test_learn_save_load_apply_sample_over_http(server):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(0)
     photo = (rng.random((96, 96, 3)) * 255).astype("uint8")
