@@ -27,12 +27,13 @@ class TrainingBackend(Protocol):
     eos_index: int
 
     def base_vectors(self) -> dict[str, torch.Tensor]: ...
-    def reference_context(self) -> torch.Tensor: ...
-    def target_contexts(self, rows: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # (context, pooled)
+    def target_contexts(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def latents(self, images: torch.Tensor) -> torch.Tensor: ...
     def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor: ...
     def predict_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, context_k: torch.Tensor,
-                      context_v: torch.Tensor, capture: bool) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+                      context_v: torch.Tensor, capture: bool,
+                      pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
 @dataclass
@@ -78,7 +79,7 @@ def train_identity(
     use_attn = settings.attn_lambda > 0
 
     with torch.no_grad():
-        ref_context = backend.reference_context()  # frozen: "a photo of the face of person"
+        ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
 
     history: list[dict] = []
     B = settings.batch_size
@@ -101,15 +102,16 @@ def train_identity(
         if use_attn:
             with torch.no_grad():
                 _, ref_maps = backend.predict_noise(z0, eps, t, ref_context.expand(B, -1, -1),
-                                                    ref_context.expand(B, -1, -1), capture=True)
+                                                    ref_context.expand(B, -1, -1), capture=True, pooled=ref_pooled)
 
         # forward with the current stage's tokens: C^K_s from k_s, C^V_s from v_s
         rows = {}
         for enc, gen in generators.items():
             k, v = gen()
             rows[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
-        contexts = backend.target_contexts(rows)
-        eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, contexts[:B], contexts[B:], capture=use_attn)
+        contexts, pooled = backend.target_contexts(rows)  # K rows first: SDXL's pooled comes from the K path
+        eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, contexts[:B], contexts[B:], capture=use_attn,
+                                                   pooled=pooled)
 
         l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
         l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,

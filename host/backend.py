@@ -32,9 +32,6 @@ class ComfyTrainingBackend:
         import comfy.model_sampling
 
         self.family = detect_family(clip, model)
-        if self.family != "sd1":
-            raise SeFiError("Learning identities on SDXL checkpoints is not implemented yet in this version; "
-                            "use a Stable Diffusion 1.x checkpoint.")
         self.model = model
         self.clip = clip
         self.vae = vae
@@ -82,15 +79,17 @@ class ComfyTrainingBackend:
             out[enc] = table.weight[token_id].detach().float().cpu().clone()
         return out
 
-    def reference_context(self) -> torch.Tensor:
-        ctx, _ = encode_variants(self.clip, [self._ref_tokens])
-        return ctx.to(self.device)
+    def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ctx, pooled = encode_variants(self.clip, [self._ref_tokens])
+        return ctx.to(self.device), pooled
 
-    def target_contexts(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    def target_contexts(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contexts (n, T, D) for the target prompt with row i injected, and the pooled output of row 0
+        (SDXL: from OpenCLIP-G; the training loop puts a K token first, so pooled comes from the K path)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
-        ctx, _ = encode_variants(self.clip, variants)
-        return ctx.to(self.device)
+        ctx, pooled = encode_variants(self.clip, variants)
+        return ctx.to(self.device), pooled
 
     # --- images -----------------------------------------------------------------------------
     def latents(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,7 +100,16 @@ class ComfyTrainingBackend:
         return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
 
     # --- UNet -------------------------------------------------------------------------------
-    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool):
+    def _adm(self, pooled: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
+        """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None."""
+        if pooled is None:
+            return None
+        h, w = z0.shape[-2] * 8, z0.shape[-1] * 8
+        adm = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, target_width=w,
+                                          target_height=h, crop_w=0, crop_h=0)
+        return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
+
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
         ms = self.model_sampling
         sigma = ms.sigma(t.to(ms.sigmas.device)).to(self.device)
         z0, eps = z0.to(self.device), eps.to(self.device)
@@ -110,6 +118,10 @@ class ComfyTrainingBackend:
                                           FixedKVPatch(context_k, context_v),
                                           self.capture.replace_patches() if capture else {})
         self.capture.take()
-        denoised = self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts)
+        extra = {}
+        adm = self._adm(pooled, z0)
+        if adm is not None:
+            extra["y"] = adm
+        denoised = self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts, **extra)
         eps_pred = (x - denoised) / sigma.view(-1, 1, 1, 1)  # ε_θ from the host's x0 output (ε-prediction)
         return eps_pred, self.capture.take()

@@ -48,9 +48,6 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     family = detect_family(clip, model)
     for ident in identities:
         ident.check_family(family)
-    if family != "sd1":
-        raise SeFiError("Generating with identities on SDXL checkpoints is not implemented yet in this version; "
-                        "use a Stable Diffusion 1.x checkpoint.")
     contexts_k, contexts_v, nominal, pooled = build_stage_contexts(clip, text, identities)
     patched = model.clone()
     patched.set_model_attn2_patch(PerStageKVPatch(nominal, contexts_k, contexts_v,

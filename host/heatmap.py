@@ -36,8 +36,8 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
             lo, hi = stage_timestep_range(s, identity.num_stages)
             t = torch.tensor([(lo + hi) // 2])
             rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
-            ctx = backend.target_contexts(rows)
-            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True)
+            ctx, pooled = backend.target_contexts(rows)
+            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
             heat = torch.zeros(R, R)
             for m in maps:
                 col = m[..., backend.placeholder_index].float().mean(0)  # mean over heads

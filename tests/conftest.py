@@ -44,6 +44,16 @@ def sd1(tiny_sd1_path):
     return model, clip, vae
 
 
+@pytest.fixture(scope="session")
+def sdxl(comfy_host):
+    """Tiny SDXL-family (MODEL, CLIP, VAE) built through ComfyUI's own classes, as inference tensors."""
+    import tiny_models
+    import torch
+
+    with torch.inference_mode():
+        return tiny_models.tiny_sdxl(seed=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -115,3 +115,106 @@ def tiny_sd1_checkpoint(seed: int = 0) -> Path:
     if not path.exists():
         build_tiny_sd1_checkpoint(path, seed)
     return path
+
+
+# --- SDXL family -----------------------------------------------------------------------------------
+# The SDXL detector demands the full 2.6 B-parameter UNet, too big for CPU tests, so tiny SDXL-family
+# objects are built through ComfyUI's own classes instead: the SDXL model config with a reduced
+# unet_config (same widths where they matter: context 2048, ADM 2816, linear transformer projections),
+# ComfyUI's SDXL tokenizer, and its SDClipModel text encoders with reduced depth (widths 768 and 1280
+# kept, so identity tokens have the real shapes).
+
+TINY_SDXL_UNET = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "model_channels": 64,
+    "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [0, 1, 1],
+    "transformer_depth_output": [0, 0, 1, 1, 1, 1],
+    "channel_mult": [1, 2, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def _tiny_text_config(name: str, layers: int, intermediate: int) -> str:
+    import json
+
+    import comfy.sd1_clip
+
+    src = Path(comfy.sd1_clip.__file__).parent / name
+    config = json.loads(src.read_text())
+    config.update(num_hidden_layers=layers, intermediate_size=intermediate)
+    path = cache_dir() / f"tiny-{name}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _tiny_sdxl_clip_class():
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    l_config = _tiny_text_config("sd1_clip_config.json", 3, 512)
+    g_config = _tiny_text_config("clip_config_bigg.json", 3, 512)
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        """ComfyUI's SDXL dual text encoder, with 3-layer CLIP-L (768) and OpenCLIP-G (1280)."""
+
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (host signature)
+            torch.nn.Module.__init__(self)
+            self.clip_l = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, layer_norm_hidden_state=False,
+                textmodel_json_config=l_config, model_options=model_options)
+            self.clip_g = comfy.sd1_clip.SDClipModel(
+                layer="hidden", layer_idx=-2, device=device, dtype=dtype, textmodel_json_config=g_config,
+                special_tokens={"start": 49406, "end": 49407, "pad": 0}, layer_norm_hidden_state=False,
+                return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
+            self.dtypes = {dtype}
+
+    return TinySDXLClipModel
+
+
+def _fill_module(module: torch.nn.Module, seed: int) -> None:
+    values = _fill(_shapes(module), seed)
+    module.load_state_dict({k: v.to(dtype=t.dtype) for (k, v), t in
+                            zip(sorted(values.items()), [module.state_dict()[k] for k in sorted(values)])})
+
+
+def tiny_sdxl(seed: int = 0):
+    """(MODEL, CLIP, VAE) of the SDXL family, built through ComfyUI's classes and filled from `seed`.
+
+    Call under torch.inference_mode() to get tensors like the host's loader gives.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
+    config.set_inference_dtype(torch.float32, None)
+    base_model = config.get_model({})
+    _fill_module(base_model.diffusion_model, seed)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _tiny_sdxl_clip_class())
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    _fill_module(clip.cond_stage_model, seed + 1)
+
+    with torch.device("meta"):
+        vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
+    vae = comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed + 2).items()})
+    return model, clip, vae

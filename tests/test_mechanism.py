@@ -1,4 +1,5 @@
-"""SD1 mechanism tests on the tiny SD1 checkpoint, with real ComfyUI objects, loader and samplers."""
+"""Mechanism tests on tiny SD1 (loaded by ComfyUI's checkpoint loader) and SDXL-family models (built through
+ComfyUI's classes): real ComfyUI CLIP, UNet, VAE and samplers."""
 from __future__ import annotations
 
 import hashlib
@@ -8,17 +9,27 @@ import torch
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def models(request):
+    return request.getfixturevalue(request.param)
+
 TEXT = "a photo of <alice> at the beach"
 
 
 def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
+    """Tokens drawn from the real vocabulary rows, per encoder, different for every stage and for K/V."""
     from sefi_ide.core.identity import Identity
+    from sefi_ide.host.text import detect_family
 
-    table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(1000, 40000, (2, stages), generator=g)
-    return Identity(family="sd1", placeholder=placeholder, init_word="person",
-                    k={"clip_l": table[idx[0]].float().clone()}, v={"clip_l": table[idx[1]].float().clone()})
+    k, v = {}, {}
+    for enc in ("clip_l", "clip_g"):
+        if hasattr(clip.cond_stage_model, enc):
+            table = getattr(clip.cond_stage_model, enc).transformer.get_input_embeddings().weight
+            k[enc], v[enc] = table[idx[0]].float().clone(), table[idx[1]].float().clone()
+    return Identity(family=detect_family(clip), placeholder=placeholder, init_word="person", k=k, v=v)
 
 
 def sample(model, clip, positive, sampler="euler", scheduler="normal", steps=6, batch=1, seed=1, cfg=5.0):
@@ -41,10 +52,10 @@ def expected_stage(model, sigmas: torch.Tensor, stages: int) -> list[int]:
 
 @pytest.mark.parametrize("sampler,scheduler,batch", [("euler", "normal", 1), ("dpmpp_2m", "karras", 2),
                                                      ("ddim", "ddim_uniform", 1)])
-def test_each_step_gets_k_and_v_contexts_of_its_stage(sd1, sampler, scheduler, batch):
+def test_each_step_gets_k_and_v_contexts_of_its_stage(models, sampler, scheduler, batch):
     from sefi_ide.host.conditioning import apply_identities, build_stage_contexts
 
-    model, clip, _ = sd1
+    model, clip, _ = models
     ident = random_identity(clip)
     with torch.inference_mode():
         patched, positive = apply_identities(model, clip, TEXT, [ident])
@@ -73,15 +84,22 @@ def test_each_step_gets_k_and_v_contexts_of_its_stage(sd1, sampler, scheduler, b
                 else:  # negative: untouched
                     assert torch.equal(k_row, neg) and torch.equal(v_row, neg)
     assert len(stages_seen) >= 3, stages_seen
+    # every encoder's half of the context carries the stage's token (SDXL: CLIP-L | OpenCLIP-G)
+    widths = [768] if ck.shape[-1] == 768 else [768, 1280]
+    start = 0
+    for width in widths:
+        part = ck[..., start:start + width]
+        assert not torch.allclose(part[0], part[-1]) and not torch.allclose(part[0], cv[0][..., start:start + width])
+        start += width
 
 
-def test_k_and_v_come_from_different_tokens(sd1):
+def test_k_and_v_come_from_different_tokens(models):
     from sefi_ide.core.identity import Identity
     from sefi_ide.host.conditioning import apply_identities
 
-    model, clip, _ = sd1
+    model, clip, _ = models
     ident = random_identity(clip)
-    swapped = Identity(family="sd1", placeholder="<alice>", init_word="person", k=ident.v, v=ident.k)
+    swapped = Identity(family=ident.family, placeholder="<alice>", init_word="person", k=ident.v, v=ident.k)
     with torch.inference_mode():
         m1, p1 = apply_identities(model, clip, TEXT, [ident])
         a = sample(m1, clip, p1)
@@ -105,11 +123,11 @@ def _photo() -> torch.Tensor:
     return img.clamp(0, 1)
 
 
-def test_learn_apply_sample_leaves_model_and_clip_bit_identical(sd1):
+def test_learn_apply_sample_leaves_model_and_clip_bit_identical(models):
     from sefi_ide.nodes.apply import ApplyPerStageIDTokens
     from sefi_ide.nodes.learn import FaceAttentionLossTrainer
 
-    model, clip, vae = sd1
+    model, clip, vae = models
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
     plain_before = sample(model, clip, positive)
     hashes = (_state_hash(model.model), _state_hash(clip.cond_stage_model))
@@ -125,11 +143,11 @@ def test_learn_apply_sample_leaves_model_and_clip_bit_identical(sd1):
     assert torch.equal(sample(model, clip, positive), plain_before)
 
 
-def test_same_seed_gives_the_same_identity_file(sd1, tmp_path):
+def test_same_seed_gives_the_same_identity_file(models, tmp_path):
     from sefi_ide.core.identity import save_identity
     from sefi_ide.nodes.learn import LearnIDEmbedding
 
-    model, clip, vae = sd1
+    model, clip, vae = models
     files = []
     for i in range(2):
         with torch.inference_mode():
@@ -141,12 +159,12 @@ def test_same_seed_gives_the_same_identity_file(sd1, tmp_path):
     assert save_identity(other, tmp_path / "x.safetensors").read_bytes() != files[0]
 
 
-def _training_setup(sd1, **overrides):
+def _training_setup(models, **overrides):
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.host.backend import ComfyTrainingBackend
     from sefi_ide.host.images import prepare_reference
 
-    model, clip, vae = sd1
+    model, clip, vae = models
     settings = TrainSettings(resolution=64, color_jitter=0.0, flip_p=0.0, scale_min=1.0, scale_max=1.0,
                              placeholder="<alice>", **overrides)
     reference, _ = prepare_reference(_photo(), None, 64)
@@ -166,56 +184,58 @@ def _eval(backend, identity, reference, what):
     from sefi_ide.core.stages import stage_of_timestep
 
     z0, ts, noises = _eval_draws(backend, reference)
-    ref_ctx = backend.reference_context()
+    ref_ctx, ref_pooled = backend.reference_context()
     out = []
     for t, eps in zip(ts, noises):
         s = int(stage_of_timestep(t, identity.num_stages))
-        ctx = backend.target_contexts({"clip_l": torch.stack([identity.k["clip_l"][s], identity.v["clip_l"][s]])})
-        pred, maps = backend.predict_noise(z0, eps, t[None], ctx[:1], ctx[1:], capture=True)
+        ctx, pooled = backend.target_contexts({enc: torch.stack([identity.k[enc][s], identity.v[enc][s]])
+                                               for enc in identity.k})
+        pred, maps = backend.predict_noise(z0, eps, t[None], ctx[:1], ctx[1:], capture=True, pooled=pooled)
         if what == "ldm":
             out.append(ldm_loss(eps, pred).item())
         else:
-            _, ref_maps = backend.predict_noise(z0, eps, t[None], ref_ctx, ref_ctx, capture=True)
+            _, ref_maps = backend.predict_noise(z0, eps, t[None], ref_ctx, ref_ctx, capture=True, pooled=ref_pooled)
             out.append(attention_loss(maps, ref_maps, TokenOption.ALL, backend.placeholder_index,
                                       backend.eos_index).item())
     return sum(out) / len(out)
 
 
-def _train(sd1, **overrides):
+def _train(models, **overrides):
     from sefi_ide.core.training import train_identity
     from sefi_ide.host.grad_scope import training_scope
 
-    settings, reference, backend = _training_setup(sd1, **overrides)
+    settings, reference, backend = _training_setup(models, **overrides)
     with training_scope():
         result = train_identity(backend, reference, settings)
     return result, backend, reference
 
 
-def test_training_lowers_the_denoising_loss_on_the_reference(sd1):
+def test_training_lowers_the_denoising_loss_on_the_reference(models):
     from sefi_ide.core.training import _build_generators, _finish
 
-    result, backend, reference = _train(sd1, steps=15, attn_lambda=0.0, seed=0)
-    settings = _training_setup(sd1, steps=0)[0]
-    untrained = _finish(_build_generators(backend.base_vectors(), settings, None), settings, reference, "sd1")
+    result, backend, reference = _train(models, steps=15, attn_lambda=0.0, seed=0)
+    settings = _training_setup(models, steps=0)[0]
+    untrained = _finish(_build_generators(backend.base_vectors(), settings, None), settings, reference,
+                        backend.family)
     with torch.no_grad():
         before = _eval(backend, untrained, reference, "ldm")
         after = _eval(backend, result.identity, reference, "ldm")
     assert after < before, (before, after)
 
 
-def test_attention_loss_moves_identity_maps_toward_the_reference(sd1):
-    plain, backend, reference = _train(sd1, steps=8, attn_lambda=0.0, seed=0)
-    guided, _, _ = _train(sd1, steps=8, attn_lambda=1000.0, seed=0)
+def test_attention_loss_moves_identity_maps_toward_the_reference(models):
+    plain, backend, reference = _train(models, steps=8, attn_lambda=0.0, seed=0)
+    guided, _, _ = _train(models, steps=8, attn_lambda=1000.0, seed=0)
     with torch.no_grad():
         d_plain = _eval(backend, plain.identity, reference, "attn")
         d_guided = _eval(backend, guided.identity, reference, "attn")
     assert d_guided < d_plain, (d_plain, d_guided)
 
 
-def test_heatmap_node_gives_one_overlay_per_stage(sd1):
+def test_heatmap_node_gives_one_overlay_per_stage(models):
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 
-    model, clip, vae = sd1
+    model, clip, vae = models
     ident = random_identity(clip)
     ident.training = {"layers": "auto"}
     with torch.inference_mode():
@@ -224,10 +244,10 @@ def test_heatmap_node_gives_one_overlay_per_stage(sd1):
     assert not torch.allclose(maps[0], maps[-1])  # stages use different tokens -> different maps
 
 
-def test_mask_restricts_what_the_identity_learns(sd1):
+def test_mask_restricts_what_the_identity_learns(models):
     from sefi_ide.nodes.learn import LearnIDEmbedding
 
-    model, clip, vae = sd1
+    model, clip, vae = models
     photo = _photo()
     mask = torch.zeros(1, *photo.shape[1:3])
     mask[:, 20:70, 20:60] = 1.0
@@ -235,3 +255,32 @@ def test_mask_restricts_what_the_identity_learns(sd1):
         free, = LearnIDEmbedding().learn(model, clip, vae, photo, "<alice>", 2, 0)
         masked, = LearnIDEmbedding().learn(model, clip, vae, photo, "<alice>", 2, 0, mask=mask)
     assert not torch.equal(free.k["clip_l"], masked.k["clip_l"])
+
+
+def test_sdxl_conditioning_carries_the_k_path_middle_stage_context_and_pooled(sdxl):
+    from sefi_ide.host.conditioning import apply_identities
+    from sefi_ide.host.text import encode_variants, inject, mark_prompt
+
+    model, clip, _ = sdxl
+    ident = random_identity(clip)
+    with torch.inference_mode():
+        _, positive = apply_identities(model, clip, TEXT, [ident])
+        marked = mark_prompt(clip, TEXT, ["<alice>"])
+        ctx_k, pooled_k = encode_variants(clip, [inject(marked, {"<alice>": {e: ident.k[e][2] for e in ident.k}})])
+        _, pooled_v = encode_variants(clip, [inject(marked, {"<alice>": {e: ident.v[e][2] for e in ident.v}})])
+    assert positive[0][0].shape == (1, 77, 2048)
+    assert torch.allclose(positive[0][0][0], ctx_k[0], atol=1e-6)
+    assert torch.allclose(positive[0][1]["pooled_output"], pooled_k, atol=1e-6)
+    assert not torch.allclose(pooled_k, pooled_v)
+
+
+@pytest.mark.parametrize("learned_on,used_on,message", [("sd1", "sdxl", "Stable Diffusion 1.x but the model is SDXL"),
+                                                         ("sdxl", "sd1", "SDXL but the model is Stable Diffusion 1.x")])
+def test_identity_of_the_other_family_is_refused_naming_both(request, learned_on, used_on, message):
+    from sefi_ide.core.errors import SeFiError
+    from sefi_ide.host.conditioning import apply_identities
+
+    ident = random_identity(request.getfixturevalue(learned_on)[1])
+    model, clip, _ = request.getfixturevalue(used_on)
+    with pytest.raises(SeFiError, match=message), torch.inference_mode():
+        apply_identities(model, clip, TEXT, [ident])
