@@ -1,13 +1,14 @@
 """Training settings that travel together (the paper's defaults)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .losses import TokenOption
 
 # Default step count: the paper optimises ~5 min on a TITAN RTX; textual-inversion style single-image
 # runs plateau in a few hundred steps at lr 0.005. 400 steps is our default (see README).
 DEFAULT_STEPS = 400
+NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 
 
 @dataclass
@@ -24,13 +25,19 @@ class TrainSettings:
     reference_prompt: str = "a photo of the face of {word}"
     # "auto" = cross-attention layers at 1/4 of the latent size (16x16 at 512 px SD1)
     layers: str = "auto"
-    resolution: int = 512
+    resolution: int = 0  # 0 = the family's native size: 512 (SD1), 1024 (SDXL)
     color_jitter: float = 0.2
     flip_p: float = 0.5
     scale_min: float = 0.8
     scale_max: float = 1.2
     batch_size: int = 1
     extra: dict = field(default_factory=dict)
+
+    def with_family_resolution(self, family: str) -> TrainSettings:
+        """Settings with `resolution` resolved (0 -> the family's native training size)."""
+        if self.resolution:
+            return self
+        return replace(self, resolution=NATIVE_RESOLUTION[family])
 
     def to_metadata(self) -> dict:
         d = asdict(self)

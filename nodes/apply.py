@@ -24,7 +24,7 @@ class ApplyPerStageIDTokens:
                     for i in range(2, MAX_IDENTITIES + 1)}
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (SD1.x)."}),
+                "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (SD1.x or SDXL family)."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                     "default": "a photo of <id> holding a basketball, eyes closed",

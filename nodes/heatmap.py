@@ -18,7 +18,7 @@ class IDAttentionHeatmap:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The SD1.x MODEL the identity was learned on."}),
+            "model": ("MODEL", {"tooltip": "The SD1.x / SDXL MODEL the identity was learned on."}),
             "clip": ("CLIP", {"tooltip": "The same checkpoint's CLIP."}),
             "vae": ("VAE", {"tooltip": "The same checkpoint's VAE."}),
             "image": ("IMAGE", {"tooltip": "The reference photo (or any face photo)."}),

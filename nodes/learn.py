@@ -7,6 +7,7 @@ from ..core.training import train_identity
 from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
+from ..host.text import detect_family
 from .common import CATEGORY, IDENTITY, progress_callback
 
 TOKEN_OPTIONS = {
@@ -16,7 +17,7 @@ TOKEN_OPTIONS = {
 }
 
 _BASE_INPUTS = {
-    "model": ("MODEL", {"tooltip": "A Stable Diffusion 1.x checkpoint's MODEL (ε-prediction). It is not modified."}),
+    "model": ("MODEL", {"tooltip": "An SD1.x or SDXL checkpoint's MODEL (ε-prediction). It is not modified."}),
     "clip": ("CLIP", {"tooltip": "The same checkpoint's CLIP. It is not modified."}),
     "vae": ("VAE", {"tooltip": "The same checkpoint's VAE, used to encode the photo."}),
     "image": ("IMAGE", {"tooltip": "ONE face photo (a batch of 1). Cropped to a centred square."}),
@@ -31,6 +32,7 @@ _MASK_INPUT = {"mask": ("MASK", {"tooltip": "Optional: restrict the denoising lo
 
 
 def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
+    settings = settings.with_family_resolution(detect_family(clip, model))
     reference, ref_mask = prepare_reference(image, mask, settings.resolution)
     with training_scope():
         backend = ComfyTrainingBackend(model, clip, vae, settings)
@@ -84,8 +86,9 @@ class FaceAttentionLossTrainer:
             "kv_split": ("BOOLEAN", {"default": d.kv_split, "tooltip": "Separate tokens for K and V (the paper). "
                                      "Off: V uses the K token."}),
             "lr": ("FLOAT", {"default": d.lr, "min": 1e-6, "max": 1.0, "step": 0.0001, "tooltip": "Adam learning rate."}),
-            "resolution": ("INT", {"default": d.resolution, "min": 64, "max": 2048, "step": 64,
-                                   "tooltip": "Training resolution in pixels (square)."}),
+            "resolution": ("INT", {"default": d.resolution, "min": 0, "max": 2048, "step": 64,
+                                   "tooltip": "Training resolution in pixels (square). 0 = native: 512 for SD1, "
+                                              "1024 for SDXL."}),
             "color_jitter": ("FLOAT", {"default": d.color_jitter, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "Brightness/contrast/saturation jitter strength (0 = off)."}),
             "flip_p": ("FLOAT", {"default": d.flip_p, "min": 0.0, "max": 1.0, "step": 0.05,
