@@ -16,13 +16,17 @@ from __future__ import annotations
 import torch
 
 from ..core.stages import stage_of_timestep
+from .regions import RegionAttention, RegionBias
 
 
 class PerStageKVPatch:
     """attn2 patch: (n, context, value, extra_options) -> (n, K context, V context)."""
 
-    def __init__(self, nominal: torch.Tensor, contexts_k: torch.Tensor, contexts_v: torch.Tensor, model_sampling):
+    def __init__(self, nominal: torch.Tensor, contexts_k: torch.Tensor, contexts_v: torch.Tensor, model_sampling,
+                 regions: RegionBias | None = None, region_attention: RegionAttention | None = None):
         # nominal: (L, D); contexts_*: (S, L, D)
+        self.regions = regions
+        self.region_attention = region_attention
         self.nominal = nominal
         self.contexts_k = contexts_k
         self.contexts_v = contexts_v
@@ -49,27 +53,38 @@ class PerStageKVPatch:
         last = self._last
         if (last is not None and last[0] is context_attn2 and last[1] is value_attn2
                 and torch.equal(last[2], sigmas)):
-            return n, last[3], last[4]  # same forward pass, next layer: reuse
-        out_k, out_v = self._swap(context_attn2, value_attn2, sigmas)
-        self._last = (context_attn2, value_attn2, sigmas.clone(), out_k, out_v)
+            out_k, out_v, match, biases = last[3:]  # same forward pass, next layer: reuse
+        else:
+            out_k, out_v, match = self._swap(context_attn2, value_attn2, sigmas)
+            biases = {}
+            self._last = (context_attn2, value_attn2, sigmas.clone(), out_k, out_v, match, biases)
+        if self.region_attention is not None:
+            self.region_attention.pending = None
+            if match is not None and self.regions is not None and self.regions.active:
+                shape = extra_options.get("activations_shape")
+                hw = (int(shape[-2]), int(shape[-1]))
+                if hw not in biases:
+                    biases[hw] = self.regions.build(match, hw, context_attn2.shape[1])
+                self.region_attention.pending = biases[hw]
         return n, out_k, out_v
 
     def _swap(self, context: torch.Tensor, value: torch.Tensor, sigmas: torch.Tensor):
+        """(K context, V context, match (rows, blocks) or None)."""
         nominal, ck, cv = self._on(context)
         rows, tokens, dim = context.shape
         length = nominal.shape[0]
         if dim != nominal.shape[1] or tokens % length or value.shape != context.shape:
-            return context, value
+            return context, value, None
         blocks = context.view(rows, tokens // length, length, dim)
         match = (blocks == nominal).flatten(2).all(-1)  # (rows, blocks)
         if not match.any():
-            return context, value
+            return context, value, None
         stage = self.stages_for(sigmas.flatten())
         stage_per_row = stage[torch.arange(rows) % stage.numel()].to(context.device)
         sel = match[..., None, None]
         k_blocks = torch.where(sel, ck[stage_per_row][:, None], blocks)
         v_blocks = torch.where(sel, cv[stage_per_row][:, None], value.view(rows, tokens // length, length, dim))
-        return k_blocks.reshape(rows, tokens, dim), v_blocks.reshape(rows, tokens, dim)
+        return k_blocks.reshape(rows, tokens, dim), v_blocks.reshape(rows, tokens, dim), match
 
 
 class FixedKVPatch:

@@ -38,6 +38,9 @@ class Identity:
     reference_sha256: str = ""
     # optional, to resume training: generator weights per encoder ("clip_l.<param>")
     generator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # per-use options (set by the "ID Embedding Options" node, never saved): 0 = the init word, 1 = as learned
+    strength: float = 1.0
+    region: torch.Tensor | None = None  # (H, W) in [0, 1]: where the identity's tokens may be attended to
 
     @property
     def num_stages(self) -> int:

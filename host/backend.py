@@ -10,7 +10,7 @@ from ..attention_patch.per_stage_kv import FixedKVPatch
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_ENCODERS
 from ..core.settings import TrainSettings
-from .text import ENCODER_OF_KEY, check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_token_id
+from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
 
 def _merge_transformer_options(base: dict, kv_patch, replace: dict) -> dict:
@@ -67,17 +67,11 @@ class ComfyTrainingBackend:
         end_id = clip.tokenize("")["l"][0][1][0]
         self.eos_index = ref_ids.index(end_id, 1)
         self._ref_tokens = ref_tokens
-        self._init_ids = init_ids
 
     # --- text -------------------------------------------------------------------------------
     def base_vectors(self) -> dict[str, torch.Tensor]:
         """e: the word embedding of the init word, per text encoder."""
-        out = {}
-        for key, token_id in self._init_ids.items():
-            enc = ENCODER_OF_KEY[key]
-            table = getattr(self.clip.cond_stage_model, enc).transformer.get_input_embeddings()
-            out[enc] = table.weight[token_id].detach().float().cpu().clone()
-        return out
+        return word_embedding(self.clip, self.settings.init_word)
 
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         ctx, pooled = encode_variants(self.clip, [self._ref_tokens])

@@ -4,13 +4,26 @@ from __future__ import annotations
 import torch
 
 from ..attention_patch.per_stage_kv import PerStageKVPatch
+from ..attention_patch.regions import RegionAttention, RegionBias
 from ..core.errors import SeFiError
 from ..core.identity import Identity
-from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt
+from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding
+
+
+def _scaled(clip, ident: Identity, table: str, stage: int) -> dict[str, torch.Tensor]:
+    """The identity's token for one stage, moved toward its init word by strength:
+    e + strength·(token − e); strength 0 gives the plain init word (the prompt without the identity)."""
+    tokens = {enc: getattr(ident, table)[enc][stage] for enc in ident.k}
+    if ident.strength == 1.0:
+        return tokens
+    if not ident.init_word:
+        raise SeFiError(f"Identity '{ident.placeholder}' records no init word, so its strength cannot be changed.")
+    base = word_embedding(clip, ident.init_word)
+    return {enc: base[enc] + ident.strength * (tok - base[enc]) for enc, tok in tokens.items()}
 
 
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
-    """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled).
+    """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt).
 
     All 2·S variants go through the text encoder in one batched call. The nominal context (what the
     CONDITIONING carries, and what a model without our patch would see) and the pooled output both
@@ -34,13 +47,13 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     for j in order:
         table = "k" if j < S else "v"
         s = j % S
-        rows = {p: {enc: getattr(ident, table)[enc][s] for enc in ident.k} for p, ident in zip(placeholders, identities)}
+        rows = {p: _scaled(clip, ident, table, s) for p, ident in zip(placeholders, identities)}
         variants.append(inject(marked, rows))
     with torch.no_grad():
         encoded, pooled = encode_variants(clip, variants)
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
-    return contexts[:S], contexts[S:], contexts[mid], pooled
+    return contexts[:S], contexts[S:], contexts[mid], pooled, marked
 
 
 def apply_identities(model, clip, text: str, identities: list[Identity]):
@@ -48,9 +61,17 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     family = detect_family(clip, model)
     for ident in identities:
         ident.check_family(family)
-    contexts_k, contexts_v, nominal, pooled = build_stage_contexts(clip, text, identities)
+    contexts_k, contexts_v, nominal, pooled, marked = build_stage_contexts(clip, text, identities)
     patched = model.clone()
+    regions = region_attention = None
+    if any(ident.region is not None for ident in identities):
+        # token columns per identity within one prompt block (chunk·77 + index; same for CLIP-L and -G)
+        columns = [[c * 77 + i for c, i in marked.positions[ident.placeholder]["l"]] for ident in identities]
+        regions = RegionBias(columns, [ident.region for ident in identities], marked.num_tokens())
+        options = patched.model_options.setdefault("transformer_options", {})
+        region_attention = RegionAttention(previous=options.get("optimized_attention_override"))
+        options["optimized_attention_override"] = region_attention
     patched.set_model_attn2_patch(PerStageKVPatch(nominal, contexts_k, contexts_v,
-                                                  model.get_model_object("model_sampling")))
+                                                  model.get_model_object("model_sampling"), regions, region_attention))
     conditioning = [[nominal.unsqueeze(0).clone(), {"pooled_output": pooled}]]
     return patched, conditioning

@@ -8,6 +8,7 @@ replaced by the vectors.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,24 @@ def word_token_id(clip, word: str) -> dict[str, int]:
     return out
 
 
+def word_embedding(clip, word: str) -> dict[str, torch.Tensor]:
+    """The word-embedding row of a one-token `word`, per text encoder (float32, CPU)."""
+    out = {}
+    for key, token_id in word_token_id(clip, word).items():
+        enc = ENCODER_OF_KEY[key]
+        table = getattr(clip.cond_stage_model, enc).transformer.get_input_embeddings()
+        out[enc] = table.weight[token_id].detach().float().cpu().clone()
+    return out
+
+
+_PLACEHOLDER_LIKE = re.compile(r"<[A-Za-z0-9_\-]+>")
+
+
+def unwired_placeholders(text: str, placeholders: list[str]) -> list[str]:
+    """Words like <name> in the prompt that no connected identity provides."""
+    return sorted({m for m in _PLACEHOLDER_LIKE.findall(text) if m not in placeholders})
+
+
 @dataclass
 class MarkedPrompt:
     """A tokenized prompt with the token positions of each placeholder, per tokenizer key."""
@@ -81,6 +100,10 @@ class MarkedPrompt:
 
 def mark_prompt(clip, text: str, placeholders: list[str]) -> MarkedPrompt:
     """Tokenize `text`, recording where each placeholder is; every placeholder must occur."""
+    unknown = unwired_placeholders(text, placeholders)
+    if unknown:
+        raise SeFiError(f"The prompt names {', '.join(unknown)} but no connected identity has that placeholder "
+                        f"(connected: {', '.join(placeholders)}). Connect the identity or fix the spelling.")
     missing = [p for p in placeholders if p not in text]
     if missing:
         raise SeFiError(f"The prompt does not contain the placeholder(s) {', '.join(missing)}. Write them in the "

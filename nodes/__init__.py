@@ -4,6 +4,7 @@ from .common import register_identity_folder
 from .files import LoadIDEmbedding, SaveIDEmbedding
 from .heatmap import IDAttentionHeatmap
 from .learn import FaceAttentionLossTrainer, LearnIDEmbedding
+from .options import IDEmbeddingOptions
 
 register_identity_folder()
 
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "SaveIDEmbedding": SaveIDEmbedding,
     "LoadIDEmbedding": LoadIDEmbedding,
     "IDAttentionHeatmap": IDAttentionHeatmap,
+    "IDEmbeddingOptions": IDEmbeddingOptions,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,4 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SaveIDEmbedding": "Save ID Embedding (SeFi-IDE)",
     "LoadIDEmbedding": "Load ID Embedding (SeFi-IDE)",
     "IDAttentionHeatmap": "ID Attention Heatmap (SeFi-IDE)",
+    "IDEmbeddingOptions": "ID Embedding Options: strength, region (SeFi-IDE)",
 }

@@ -59,7 +59,7 @@ def test_each_step_gets_k_and_v_contexts_of_its_stage(models, sampler, scheduler
     ident = random_identity(clip)
     with torch.inference_mode():
         patched, positive = apply_identities(model, clip, TEXT, [ident])
-        ck, cv, _, _ = build_stage_contexts(clip, TEXT, [ident])
+        ck, cv, *_ = build_stage_contexts(clip, TEXT, [ident])
         neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))[0][0][0]
     seen = []
 

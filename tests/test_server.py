@@ -10,7 +10,7 @@ import requests
 pytestmark = pytest.mark.server
 
 OUR_NODES = {"LearnIDEmbedding", "FaceAttentionLossTrainer", "ApplyPerStageIDTokens", "SaveIDEmbedding",
-             "LoadIDEmbedding", "IDAttentionHeatmap"}
+             "LoadIDEmbedding", "IDAttentionHeatmap", "IDEmbeddingOptions"}
 
 
 def run_prompt(server, graph: dict, timeout: float = 400) -> dict:
