@@ -25,7 +25,7 @@ def _scaled(clip, ident: Identity, table: str, stage: int) -> dict[str, torch.Te
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
     """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt).
 
-    All 2·S variants go through the text encoder in one batched call. The nominal context (what the
+    Each of the 2·S variants is encoded exactly as CLIPTextEncode would encode it. The nominal context (what the
     CONDITIONING carries, and what a model without our patch would see) and the pooled output both
     come from the K path of the middle stage.
     """
@@ -50,7 +50,7 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
         rows = {p: _scaled(clip, ident, table, s) for p, ident in zip(placeholders, identities)}
         variants.append(inject(marked, rows))
     with torch.no_grad():
-        encoded, pooled = encode_variants(clip, variants)
+        encoded, pooled = encode_variants(clip, variants, batched=False)
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
     return contexts[:S], contexts[S:], contexts[mid], pooled, marked

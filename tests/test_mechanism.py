@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from helpers import attn2_probe, expected_stage, photo, random_identity, sample
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
@@ -15,39 +16,6 @@ def models(request):
     return request.getfixturevalue(request.param)
 
 TEXT = "a photo of <alice> at the beach"
-
-
-def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
-    """Tokens drawn from the real vocabulary rows, per encoder, different for every stage and for K/V."""
-    from sefi_ide.core.identity import Identity
-    from sefi_ide.host.text import detect_family
-
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(1000, 40000, (2, stages), generator=g)
-    k, v = {}, {}
-    for enc in ("clip_l", "clip_g"):
-        if hasattr(clip.cond_stage_model, enc):
-            table = getattr(clip.cond_stage_model, enc).transformer.get_input_embeddings().weight
-            k[enc], v[enc] = table[idx[0]].float().clone(), table[idx[1]].float().clone()
-    return Identity(family=detect_family(clip), placeholder=placeholder, init_word="person", k=k, v=v)
-
-
-def sample(model, clip, positive, sampler="euler", scheduler="normal", steps=6, batch=1, seed=1, cfg=5.0):
-    import comfy.sample
-
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
-    latent = torch.zeros(batch, 4, 8, 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    with torch.inference_mode():
-        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
-                                   seed=seed, disable_pbar=True)
-
-
-def expected_stage(model, sigmas: torch.Tensor, stages: int) -> list[int]:
-    # independent of the pack: nearest discrete timestep of each sigma, then floor(t*S/1000)
-    log_sigmas = model.get_model_object("model_sampling").sigmas.log()
-    t = (sigmas.log()[:, None] - log_sigmas[None]).abs().argmin(dim=1)
-    return [min(stages - 1, int(x) * stages // 1000) for x in t]
 
 
 @pytest.mark.parametrize("sampler,scheduler,batch", [("euler", "normal", 1), ("dpmpp_2m", "karras", 2),
@@ -62,12 +30,7 @@ def test_each_step_gets_k_and_v_contexts_of_its_stage(models, sampler, scheduler
         ck, cv, *_ = build_stage_contexts(clip, TEXT, [ident])
         neg = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))[0][0][0]
     seen = []
-
-    def probe(n, context, value, extra):  # runs after our patch, sees what attn2 will use
-        seen.append((extra["sigmas"].clone(), list(extra["cond_or_uncond"]), context.clone(), value.clone()))
-        return n, context, value
-
-    patched.set_model_attn2_patch(probe)
+    patched.set_model_attn2_patch(attn2_probe(seen))  # runs after our patch, sees what attn2 will use
     sample(patched, clip, positive, sampler, scheduler, steps=8, batch=batch)
     assert seen
     stages_seen = set()
@@ -116,13 +79,6 @@ def _state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _photo() -> torch.Tensor:
-    g = torch.Generator().manual_seed(3)
-    img = torch.rand(1, 96, 80, 3, generator=g) * 0.3
-    img[:, 20:70, 20:60] += 0.6  # a bright "face" blob
-    return img.clamp(0, 1)
-
-
 def learn_small(models, image, steps, seed, mask=None, **overrides):
     """FaceAttentionLossTrainer with the paper's defaults except a 64 px training square (CPU speed)."""
     from sefi_ide.core.settings import TrainSettings
@@ -148,7 +104,7 @@ def test_learn_apply_sample_leaves_model_and_clip_bit_identical(models):
     plain_before = sample(model, clip, positive)
     hashes = (_state_hash(model.model), _state_hash(clip.cond_stage_model))
     grad_before = torch.is_grad_enabled()
-    ident = learn_small(models, _photo(), steps=2, seed=0)
+    ident = learn_small(models, photo(), steps=2, seed=0)
     with torch.inference_mode():
         m2, p2 = ApplyPerStageIDTokens().apply(model, clip, TEXT, ident)
         sample(m2, clip, p2)
@@ -162,10 +118,10 @@ def test_same_seed_gives_the_same_identity_file(models, tmp_path):
 
     files = []
     for i in range(2):
-        ident = learn_small(models, _photo(), steps=2, seed=7)
+        ident = learn_small(models, photo(), steps=2, seed=7)
         files.append(save_identity(ident, tmp_path / f"{i}.safetensors").read_bytes())
     assert files[0] == files[1]
-    other = learn_small(models, _photo(), steps=2, seed=8)
+    other = learn_small(models, photo(), steps=2, seed=8)
     assert save_identity(other, tmp_path / "x.safetensors").read_bytes() != files[0]
 
 
@@ -177,7 +133,7 @@ def _training_setup(models, **overrides):
     model, clip, vae = models
     settings = TrainSettings(resolution=64, color_jitter=0.0, flip_p=0.0, scale_min=1.0, scale_max=1.0,
                              placeholder="<alice>", **overrides)
-    reference, _ = prepare_reference(_photo(), None, 64)
+    reference, _ = prepare_reference(photo(), None, 64)
     return settings, reference, ComfyTrainingBackend(model, clip, vae, settings)
 
 
@@ -249,17 +205,17 @@ def test_heatmap_node_gives_one_overlay_per_stage(models):
     ident = random_identity(clip)
     ident.training = {"layers": "auto"}
     with torch.inference_mode():
-        maps, = IDAttentionHeatmap().render(model, clip, vae, _photo(), ident, 64, 0)
+        maps, = IDAttentionHeatmap().render(model, clip, vae, photo(), ident, 64, 0)
     assert maps.shape == (5, 64, 64, 3) and 0 <= maps.min() and maps.max() <= 1
     assert not torch.allclose(maps[0], maps[-1])  # stages use different tokens -> different maps
 
 
 def test_mask_restricts_what_the_identity_learns(models):
-    photo = _photo()
-    mask = torch.zeros(1, *photo.shape[1:3])
+    image = photo()
+    mask = torch.zeros(1, *image.shape[1:3])
     mask[:, 20:70, 20:60] = 1.0
-    free = learn_small(models, photo, steps=2, seed=0)
-    masked = learn_small(models, photo, steps=2, seed=0, mask=mask)
+    free = learn_small(models, image, steps=2, seed=0)
+    masked = learn_small(models, image, steps=2, seed=0, mask=mask)
     assert not torch.equal(free.k["clip_l"], masked.k["clip_l"])
 
 

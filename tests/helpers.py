@@ -1,0 +1,54 @@
+"""Shared helpers for the in-process tests: identities from real vocabulary rows, sampling, stage maths."""
+from __future__ import annotations
+
+import torch
+
+
+def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
+    """Tokens drawn from the real vocabulary rows, per encoder, different for every stage and for K/V."""
+    from sefi_ide.core.identity import Identity
+    from sefi_ide.host.text import detect_family
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1000, 40000, (2, stages), generator=g)
+    k, v = {}, {}
+    for enc in ("clip_l", "clip_g"):
+        if hasattr(clip.cond_stage_model, enc):
+            table = getattr(clip.cond_stage_model, enc).transformer.get_input_embeddings().weight
+            k[enc], v[enc] = table[idx[0]].float().clone(), table[idx[1]].float().clone()
+    return Identity(family=detect_family(clip), placeholder=placeholder, init_word="person", k=k, v=v)
+
+
+def sample(model, clip, positive, sampler="euler", scheduler="normal", steps=6, batch=1, seed=1, cfg=5.0):
+    import comfy.sample
+
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
+    latent = torch.zeros(batch, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                   seed=seed, disable_pbar=True)
+
+
+def expected_stage(model, sigmas: torch.Tensor, stages: int) -> list[int]:
+    # independent of the pack: nearest discrete timestep of each sigma, then floor(t*S/1000)
+    log_sigmas = model.get_model_object("model_sampling").sigmas.log()
+    t = (sigmas.log()[:, None] - log_sigmas[None]).abs().argmin(dim=1)
+    return [min(stages - 1, int(x) * stages // 1000) for x in t]
+
+
+def photo() -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 96, 80, 3, generator=g) * 0.3
+    img[:, 20:70, 20:60] += 0.6  # a bright "face" blob
+    return img.clamp(0, 1)
+
+
+def attn2_probe(records: list):
+    """An attn2 patch that records what cross-attention will use (install it after ours)."""
+
+    def probe(n, context, value, extra):
+        records.append((extra["sigmas"].clone(), list(extra["cond_or_uncond"]), context.clone(), value.clone()))
+        return n, context, value
+
+    return probe

@@ -1,0 +1,168 @@
+"""Several identities, regions, strength, and composing with LoRA and other attention patches."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import attn2_probe, expected_stage, random_identity, sample
+
+pytestmark = pytest.mark.usefixtures("comfy_host")
+
+TEXT2 = "<alice> shaking hands with <bob> in a garage"
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def models(request):
+    return request.getfixturevalue(request.param)
+
+
+def _pair(clip):
+    return random_identity(clip, seed=0, placeholder="<alice>"), random_identity(clip, seed=1, placeholder="<bob>")
+
+
+def test_two_identities_reach_cross_attention_at_their_own_positions_and_stages(models):
+    from sefi_ide.host.conditioning import apply_identities
+    from sefi_ide.host.text import encode_variants, inject, mark_prompt
+
+    model, clip, _ = models
+    a, b = _pair(clip)
+    with torch.inference_mode():
+        patched, positive = apply_identities(model, clip, TEXT2, [a, b])
+        marked = mark_prompt(clip, TEXT2, ["<alice>", "<bob>"])
+        expect = {
+            table: [encode_variants(clip, [inject(marked, {
+                "<alice>": {e: getattr(a, table)[e][s] for e in a.k},
+                "<bob>": {e: getattr(b, table)[e][s] for e in b.k}})])[0][0] for s in range(5)]
+            for table in ("k", "v")}
+        swapped = encode_variants(clip, [inject(marked, {"<alice>": {e: b.k[e][0] for e in b.k},
+                                                         "<bob>": {e: a.k[e][0] for e in a.k}})])[0][0]
+    assert not torch.allclose(swapped, expect["k"][0])  # which token sits where matters
+    seen = []
+    patched.set_model_attn2_patch(attn2_probe(seen))
+    sample(patched, clip, positive, steps=6)
+    checked = 0
+    for sigmas, cond_or_uncond, context, value in seen:
+        stage = expected_stage(model, sigmas, 5)
+        rows = len(sigmas)
+        for chunk, kind in enumerate(cond_or_uncond):
+            if kind == 0:
+                for r in range(rows):
+                    assert torch.allclose(context[chunk * rows + r], expect["k"][stage[r]], atol=1e-6)
+                    assert torch.allclose(value[chunk * rows + r], expect["v"][stage[r]], atol=1e-6)
+                    checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("text,wired,message", [
+    ("<alice> and <carol> at a party", ["<alice>"], "names <carol> but no connected identity"),
+    ("<alice> at a party", ["<alice>", "<bob>"], "does not contain the placeholder(s) <bob>"),
+])
+def test_placeholder_and_identity_must_match(sd1, text, wired, message):
+    from sefi_ide.core.errors import SeFiError
+    from sefi_ide.host.conditioning import apply_identities
+
+    model, clip, _ = sd1
+    idents = [random_identity(clip, seed=i, placeholder=p) for i, p in enumerate(wired)]
+    with pytest.raises(SeFiError, match=message.replace("(", r"\(").replace(")", r"\)")), torch.inference_mode():
+        apply_identities(model, clip, text, idents)
+
+
+def test_region_masks_give_each_identity_no_attention_outside_its_mask(models):
+    import dataclasses
+
+    from sefi_ide.host.conditioning import apply_identities
+    from sefi_ide.host.text import mark_prompt
+
+    model, clip, _ = models
+    a, b = _pair(clip)
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1.0
+    a = dataclasses.replace(a, region=left)
+    b = dataclasses.replace(b, region=1.0 - left)
+    with torch.inference_mode():
+        patched, positive = apply_identities(model, clip, TEXT2, [a, b])
+        marked = mark_prompt(clip, TEXT2, ["<alice>", "<bob>"])
+    col_a = [i for _, i in marked.positions["<alice>"]["l"]]
+    col_b = [i for _, i in marked.positions["<bob>"]["l"]]
+    ours = patched.model_options["transformer_options"]["optimized_attention_override"]
+    calls = []
+    patched.set_model_attn2_patch(attn2_probe(calls))
+    checked = {"outside": 0, "inside": 0.0}
+
+    def recording_attention(q, k, v, heads, mask=None, **kwargs):
+        bsz, n, inner = q.shape
+        d = inner // heads
+        qh, kh, vh = (x.reshape(bsz, -1, heads, d).transpose(1, 2) for x in (q, k, v))
+        logits = qh @ kh.transpose(-1, -2) * d ** -0.5
+        if mask is not None:
+            logits = logits + (mask.unsqueeze(1) if mask.ndim == 3 else mask)
+        probs = logits.softmax(-1)
+        if k.shape[1] == 77 and calls:  # a cross-attention call; the probe ran just before it
+            side = int(n ** 0.5)
+            x = torch.arange(n) % side
+            rows = len(calls[-1][0])
+            for chunk, kind in enumerate(calls[-1][1]):
+                if kind != 0:
+                    continue
+                p = probs[chunk * rows:(chunk + 1) * rows]
+                for cols, outside in ((col_a, x >= side // 2), (col_b, x < side // 2)):
+                    assert p[:, :, outside][..., cols].max() == 0.0
+                    checked["outside"] += 1
+                    checked["inside"] = max(checked["inside"], p[:, :, ~outside][..., cols].max().item())
+        return (probs @ vh).transpose(1, 2).reshape(bsz, n, inner)
+
+    patched.model_options["transformer_options"]["optimized_attention_override"] = (
+        lambda func, *args, **kwargs: ours(recording_attention, *args, **kwargs))
+    sample(patched, clip, positive, steps=3)
+    assert checked["outside"] > 0 and checked["inside"] > 0
+
+
+def test_strength_zero_reproduces_the_prompt_without_the_identity_exactly(models):
+    import dataclasses
+
+    from sefi_ide.host.conditioning import apply_identities, build_stage_contexts
+
+    model, clip, _ = models
+    a = random_identity(clip, placeholder="<alice>")
+    text = "a photo of <alice> at the beach"
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of person at the beach"))
+    with torch.inference_mode():
+        m0, p0 = apply_identities(model, clip, text, [dataclasses.replace(a, strength=0.0)])
+    assert torch.equal(sample(m0, clip, p0), sample(model, clip, plain))
+    # monotone: the K contexts move away from the plain prompt as strength grows
+    with torch.inference_mode():
+        dists = []
+        for s in (0.0, 0.25, 0.5, 1.0):
+            ck = build_stage_contexts(clip, text, [dataclasses.replace(a, strength=s)])[0]
+            dists.append((ck - plain[0][0]).norm().item())
+    assert dists[0] == 0.0 and dists == sorted(dists) and len(set(dists)) == 4
+
+
+def test_identity_composes_with_a_lora_and_a_foreign_attn2_patch(sd1):
+    import comfy.lora
+    import comfy.sd
+
+    from sefi_ide.host.conditioning import apply_identities
+
+    model, clip, _ = sd1
+    target = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora_name = next(k for k, v in key_map.items() if v == target and k.startswith("lora_unet_"))
+    g = torch.Generator().manual_seed(0)
+    weight = model.model.state_dict()[target]
+    lora = {f"{lora_name}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
+            f"{lora_name}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g)}
+    calls = []
+    foreign = model.clone()
+    foreign.set_model_attn2_patch(lambda n, c, v, extra: (calls.append(1), (n, c, v))[1])
+    ident = random_identity(clip, placeholder="<alice>")
+    text = "a photo of <alice> at the beach"
+    before = model.model.state_dict()[target].clone()
+    with torch.inference_mode():
+        with_lora, _ = comfy.sd.load_lora_for_models(foreign, clip, lora, 1.0, 0.0)
+        m1, p1 = apply_identities(with_lora, clip, text, [ident])
+        m2, p2 = apply_identities(foreign, clip, text, [ident])
+    out_lora = sample(m1, clip, p1, steps=3)
+    assert calls, "the other pack's attn2 patch must still run"
+    out_plain = sample(m2, clip, p2, steps=3)
+    assert (out_lora - out_plain).abs().max() > 1e-4
+    assert torch.equal(model.model.state_dict()[target], before)
