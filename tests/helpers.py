@@ -19,10 +19,12 @@ def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
     return Identity(family=detect_family(clip), placeholder=placeholder, init_word="person", k=k, v=v)
 
 
-def sample(model, clip, positive, sampler="euler", scheduler="normal", steps=6, batch=1, seed=1, cfg=5.0):
+def sample(model, clip, positive, sampler="euler", scheduler="normal", steps=6, batch=1, seed=1, cfg=5.0,
+           negative=None):
     import comfy.sample
 
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
+    if negative is None:
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
     latent = torch.zeros(batch, 4, 8, 8)
     noise = comfy.sample.prepare_noise(latent, seed)
     with torch.inference_mode():

@@ -137,11 +137,14 @@ def test_strength_zero_reproduces_the_prompt_without_the_identity_exactly(models
     assert dists[0] == 0.0 and dists == sorted(dists) and len(set(dists)) == 4
 
 
-def test_identity_composes_with_a_lora_and_a_foreign_attn2_patch(sd1):
+def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
     import comfy.lora
+    import comfy.model_management
     import comfy.sd
-
+    import tiny_models
     from sefi_ide.host.conditioning import apply_identities
+
+    import nodes as core_nodes
 
     model, clip, _ = sd1
     target = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
@@ -165,4 +168,20 @@ def test_identity_composes_with_a_lora_and_a_foreign_attn2_patch(sd1):
     assert calls, "the other pack's attn2 patch must still run"
     out_plain = sample(m2, clip, p2, steps=3)
     assert (out_lora - out_plain).abs().max() > 1e-4
+
+    # ControlNet (pose/spatial control) on the identity's conditioning, together with the LoRA
+    with torch.inference_mode():
+        control = tiny_models.tiny_sd1_controlnet()
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
+        hint = torch.rand(1, 64, 64, 3, generator=g)
+        p_cn, n_cn = core_nodes.ControlNetApplyAdvanced().apply_controlnet(p1, negative, control, hint, 1.0, 0.0, 1.0)
+    seen = []
+    m1.set_model_attn2_patch(attn2_probe(seen))
+    out_cn = sample(m1, clip, p_cn, steps=3, negative=n_cn)
+    assert (out_cn - out_lora).abs().max() > 1e-4
+    swapped = [not torch.equal(ctx[chunk * len(sig)], p1[0][0][0])
+               for sig, cou, ctx, _ in seen for chunk, kind in enumerate(cou) if kind == 0]
+    assert swapped and any(swapped)  # per-stage contexts replaced the nominal one alongside the ControlNet
+    # the host patches LoRA weights in place while a clone is loaded; loading the base model restores them
+    comfy.model_management.load_models_gpu([model])
     assert torch.equal(model.model.state_dict()[target], before)

@@ -218,3 +218,16 @@ def tiny_sdxl(seed: int = 0):
         vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
     vae = comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed + 2).items()})
     return model, clip, vae
+
+
+def tiny_sd1_controlnet(seed: int = 0):
+    """A ControlNet for the tiny SD1 UNet, loaded through ComfyUI's own ControlNet loader."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in TINY_SD1_UNET.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, device="meta",
+                                     operations=comfy.ops.disable_weight_init)
+    state = {k: v.float() for k, v in _fill(_shapes(net), seed).items()}
+    return comfy.controlnet.load_controlnet_state_dict(state)
