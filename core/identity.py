@@ -38,6 +38,9 @@ class Identity:
     reference_sha256: str = ""
     # optional, to resume training: generator weights per encoder ("clip_l.<param>")
     generator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # optional, to resume exactly: Adam moments per generator parameter, and the steps already done
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    trained_steps: int = 0
     # per-use options (set by the "ID Embedding Options" node, never saved): 0 = the init word, 1 = as learned
     strength: float = 1.0
     region: torch.Tensor | None = None  # (H, W) in [0, 1]: where the identity's tokens may be attended to
@@ -70,6 +73,8 @@ def _tensors(identity: Identity, include_generator: bool) -> dict[str, torch.Ten
     if include_generator:
         for name, t in identity.generator_state.items():
             out[f"generator.{name}"] = t.detach().float().cpu().contiguous()
+        for name, t in identity.optimizer_state.items():
+            out[f"optimizer.{name}"] = t.detach().float().cpu().contiguous()
     return out
 
 
@@ -110,6 +115,7 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
         "training": json.dumps(identity.training, sort_keys=True),
         "reference_sha256": identity.reference_sha256,
         "pack_version": PACK_VERSION,
+        "trained_steps": str(identity.trained_steps),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -193,6 +199,8 @@ def load_identity(path: str | os.PathLike) -> Identity:
         training=training,
         reference_sha256=meta.get("reference_sha256", ""),
         generator_state={k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")},
+        optimizer_state={k[len("optimizer."):]: t for k, t in tensors.items() if k.startswith("optimizer.")},
+        trained_steps=int(meta.get("trained_steps", "0") or 0),
     )
     validate_identity(identity, f"'{name}'")
     if str(identity.num_stages) != meta.get("stages"):

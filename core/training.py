@@ -42,6 +42,36 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+class TrainingStopped(Exception):
+    """Training ended before its last step; `partial` holds the last good state, resumable exactly."""
+
+    def __init__(self, cause: BaseException, partial: TrainResult):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.partial = partial
+
+
+def _optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"{names[param]}.{key}"] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone()
+    return out
+
+
+def _load_optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str],
+                          state: dict[str, torch.Tensor]) -> None:
+    for param, name in names.items():
+        entries = {k[len(name) + 1:]: t for k, t in state.items() if k.startswith(name + ".")}
+        if not entries:
+            continue
+        optimizer.state[param] = {
+            "step": entries["step"].to(torch.float32).reshape(()).clone(),
+            "exp_avg": entries["exp_avg"].to(param).clone(),
+            "exp_avg_sq": entries["exp_avg_sq"].to(param).clone(),
+        }
+
+
 def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings,
                       resume: Identity | None) -> dict[str, TokenGenerator]:
     with torch.random.fork_rng(devices=[]):
@@ -69,73 +99,105 @@ def train_identity(
     on_step: Callable[[int, int, dict], None] | None = None,
     resume: Identity | None = None,
 ) -> TrainResult:
-    """Learn per-stage K/V identity tokens from one image (1,3,H,W in [0,1]); mask (1,1,H,W) optional."""
-    S = settings.num_stages
+    """Learn per-stage K/V identity tokens from one image (1,3,H,W in [0,1]); mask (1,1,H,W) optional.
+
+    Raises TrainingStopped (with the last good, exactly resumable state) on cancel or divergence.
+    """
+    if settings.steps < 1:
+        raise SeFiError(f"steps must be at least 1 (got {settings.steps}).")
     generators = _build_generators(backend.base_vectors(), settings, resume)
-    params = [p for g in generators.values() for p in g.parameters()]
-    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
+    optimizer = torch.optim.Adam(list(names), lr=settings.lr)
     augmenter = make_augmenter(settings)
     rng = torch.Generator().manual_seed(settings.seed)
-    use_attn = settings.attn_lambda > 0
+    start = 0
+    if resume is not None and resume.optimizer_state:
+        # exact continuation: Adam moments restored, and the same t/ε stream fast-forwarded
+        start = resume.trained_steps
+        if start >= settings.steps:
+            raise SeFiError(f"The identity to resume was already trained for {start} steps; set steps above that.")
+        _load_optimizer_state(optimizer, names, resume.optimizer_state)
 
     with torch.no_grad():
         ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
 
     history: list[dict] = []
     B = settings.batch_size
-    for step in range(settings.steps):
-        # data: augmented reference (and the mask through the same geometric transform)
-        images = image.expand(B, -1, -1, -1)
-        masks = mask.expand(B, -1, -1, -1) if mask is not None else None
-        images, masks = augment(augmenter, images, masks, seed=settings.seed * 1_000_003 + step)
+    latent_side = settings.resolution // 8
+    for _ in range(start):
+        torch.randint(0, 1000, (B,), generator=rng)
+        torch.randn((B, 4, latent_side, latent_side), generator=rng)
+    try:
+        for step in range(start, settings.steps):
+            _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref_context, ref_pooled,
+                        settings, step, history, on_step)
+    except Exception as exc:  # cancel or divergence: hand back the last good state, resumable exactly
+        done = start + len(history)  # a step is recorded only after its optimizer update
+        raise TrainingStopped(exc, TrainResult(_finish(generators, optimizer, names, settings, image,
+                                                       backend.family, done), history)) from exc
+    return TrainResult(_finish(generators, optimizer, names, settings, image, backend.family, settings.steps),
+                       history)
+
+
+def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref_context, ref_pooled,
+                settings: TrainSettings, step: int, history: list[dict], on_step) -> None:
+    """One step: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam."""
+    S, B = settings.num_stages, settings.batch_size
+    use_attn = settings.attn_lambda > 0
+    # data: augmented reference (and the mask through the same geometric transform)
+    images = image.expand(B, -1, -1, -1)
+    masks = mask.expand(B, -1, -1, -1) if mask is not None else None
+    images, masks = augment(augmenter, images, masks, seed=settings.seed * 1_000_003 + step)
+    with torch.no_grad():
+        z0 = backend.latents(images)
+    latent_mask = backend.latent_mask(masks, z0.shape) if masks is not None else None
+
+    # noise: t ~ U{0..999}, ε ~ N(0, I)
+    t = torch.randint(0, 1000, (B,), generator=rng)
+    eps = torch.randn(z0.shape, generator=rng).to(z0)
+    stage = stage_of_timestep(t, S)
+
+    # A_ref under the reference context, same z_t and t, no gradient
+    ref_maps: list[torch.Tensor] = []
+    if use_attn:
         with torch.no_grad():
-            z0 = backend.latents(images)
-        latent_mask = backend.latent_mask(masks, z0.shape) if masks is not None else None
+            _, ref_maps = backend.predict_noise(z0, eps, t, ref_context.expand(B, -1, -1),
+                                                ref_context.expand(B, -1, -1), capture=True, pooled=ref_pooled)
 
-        # noise: t ~ U{0..999}, ε ~ N(0, I)
-        t = torch.randint(0, 1000, (B,), generator=rng)
-        eps = torch.randn(z0.shape, generator=rng).to(z0)
-        stage = stage_of_timestep(t, S)
+    # forward with the current stage's tokens: C^K_s from k_s, C^V_s from v_s
+    rows = {}
+    for enc, gen in generators.items():
+        k, v = gen()
+        rows[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
+    contexts, pooled = backend.target_contexts(rows)  # K rows first: SDXL's pooled comes from the K path
+    eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, contexts[:B], contexts[B:], capture=use_attn,
+                                               pooled=pooled)
 
-        # A_ref under the reference context, same z_t and t, no gradient
-        ref_maps: list[torch.Tensor] = []
-        if use_attn:
-            with torch.no_grad():
-                _, ref_maps = backend.predict_noise(z0, eps, t, ref_context.expand(B, -1, -1),
-                                                    ref_context.expand(B, -1, -1), capture=True, pooled=ref_pooled)
+    l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
+    l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,
+                             backend.eos_index) if use_attn else torch.zeros(()))  # L_attn
+    loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
+    if not torch.isfinite(loss):
+        raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss.item()}. "
+                        f"Lower the learning rate or λ, or check the image.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if not all(torch.isfinite(p.grad).all() for g in generators.values() for p in g.parameters()
+               if p.grad is not None):
+        raise SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
+                        f"Lower the learning rate or λ, or check the image.")
+    optimizer.step()
 
-        # forward with the current stage's tokens: C^K_s from k_s, C^V_s from v_s
-        rows = {}
-        for enc, gen in generators.items():
-            k, v = gen()
-            rows[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
-        contexts, pooled = backend.target_contexts(rows)  # K rows first: SDXL's pooled comes from the K path
-        eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, contexts[:B], contexts[B:], capture=use_attn,
-                                                   pooled=pooled)
-
-        l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
-        l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,
-                                 backend.eos_index) if use_attn else torch.zeros(()))  # L_attn
-        loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
-        if not torch.isfinite(loss):
-            raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss.item()}. "
-                            f"Lower the learning rate or λ, or check the image.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        record = {"step": step + 1, "loss": loss.detach().item(), "ldm": l_ldm.detach().item(),
-                  "attn": l_attn.detach().item(),
-                  "t": int(t[0]), "stage": int(stage[0])}
-        history.append(record)
-        if on_step is not None:
-            on_step(step + 1, settings.steps, record)
-
-    return TrainResult(_finish(generators, settings, image, backend.family), history)
+    record = {"step": step + 1, "loss": loss.detach().item(), "ldm": l_ldm.detach().item(),
+              "attn": l_attn.detach().item(),
+              "t": int(t[0]), "stage": int(stage[0])}
+    history.append(record)
+    if on_step is not None:
+        on_step(step + 1, settings.steps, record)
 
 
-def _finish(generators: dict[str, TokenGenerator], settings: TrainSettings, image: torch.Tensor,
-            family: str) -> Identity:
+def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, names: dict, settings: TrainSettings,
+            image: torch.Tensor, family: str, trained_steps: int) -> Identity:
     k, v, state = {}, {}, {}
     with torch.no_grad():
         for enc, gen in generators.items():
@@ -152,4 +214,6 @@ def _finish(generators: dict[str, TokenGenerator], settings: TrainSettings, imag
         training=settings.to_metadata(),
         reference_sha256=image_sha256(image),
         generator_state=state,
+        optimizer_state=_optimizer_state(optimizer, names),
+        trained_steps=trained_steps,
     )

@@ -1,14 +1,21 @@
 """LearnIDEmbedding (the simple path) and FaceAttentionLossTrainer (every knob)."""
 from __future__ import annotations
 
+import logging
+import re
+
+from ..core.errors import SeFiError
+from ..core.identity import safe_child_path, save_identity
 from ..core.losses import TokenOption
 from ..core.settings import DEFAULT_STEPS, TrainSettings
-from ..core.training import train_identity
+from ..core.training import TrainingStopped, train_identity
 from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
 from ..host.text import detect_family
-from .common import CATEGORY, IDENTITY, progress_callback
+from .common import CATEGORY, IDENTITY, identity_folder, progress_callback
+
+logger = logging.getLogger(__name__)
 
 TOKEN_OPTIONS = {
     "3: all 77 token maps (paper's best)": TokenOption.ALL,
@@ -31,13 +38,32 @@ _BASE_INPUTS = {
 _MASK_INPUT = {"mask": ("MASK", {"tooltip": "Optional: restrict the denoising loss to this region (e.g. the face)."})}
 
 
+def _save_stopped_state(stopped: TrainingStopped, settings: TrainSettings) -> str:
+    """Keep the last good state of a cancelled or diverged run as a resumable identity file."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "", settings.placeholder) or "identity"
+    name = f"{stem}-stopped-step{stopped.partial.identity.trained_steps}.safetensors"
+    save_identity(stopped.partial.identity, safe_child_path(identity_folder(), name), overwrite=True)
+    return name
+
+
 def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
     settings = settings.with_family_resolution(detect_family(clip, model))
     reference, ref_mask = prepare_reference(image, mask, settings.resolution)
     with training_scope():
         backend = ComfyTrainingBackend(model, clip, vae, settings)
-        result = train_identity(backend, reference, settings, mask=ref_mask,
-                                on_step=progress_callback(settings.steps), resume=resume)
+        try:
+            result = train_identity(backend, reference, settings, mask=ref_mask,
+                                    on_step=progress_callback(settings.steps), resume=resume)
+        except TrainingStopped as stopped:
+            saved = _save_stopped_state(stopped, settings) if stopped.partial.identity.trained_steps else None
+            note = (f" The last good state ({stopped.partial.identity.trained_steps} steps) was saved as '{saved}'; "
+                    f"load it and connect it to 'resume_from' of the Face Attention Loss Trainer to continue."
+                    if saved else "")
+            if isinstance(stopped.cause, SeFiError):
+                raise SeFiError(f"{stopped.cause}{note}") from None
+            if note:
+                logger.info("[SeFi-IDE] Training stopped.%s", note)
+            raise stopped.cause from None  # the host's interrupt (or another error) keeps its own type
     return result
 
 
@@ -101,7 +127,8 @@ class FaceAttentionLossTrainer:
                                    "tooltip": "Augmented copies per step."}),
         })
         optional = dict(_MASK_INPUT)
-        optional["resume_from"] = (IDENTITY, {"tooltip": "Continue training an identity saved with its generator."})
+        optional["resume_from"] = (IDENTITY, {"tooltip": "Continue an identity saved with its generator: a stopped "
+                                              "run continues exactly where it stopped (same seed and settings)."})
         return {"required": required, "optional": optional}
 
     def train(self, model, clip, vae, image, placeholder, steps, seed, init_word, reference_prompt, attn_lambda,

@@ -147,3 +147,52 @@ def test_family_mismatch_names_both_families():
 def test_file_names_cannot_escape_the_identities_folder(tmp_path, name):
     with pytest.raises(SeFiError):
         safe_child_path(tmp_path / "ids", name)
+
+
+class _ToyBackend:
+    """A pure-torch stand-in for the diffusion model, to test the loop's bookkeeping without ComfyUI."""
+
+    family = "sd1"
+    placeholder_index = 1
+    eos_index = 2
+
+    def __init__(self, nan_at_call: int | None = None):
+        self.calls = 0
+        self.nan_at_call = nan_at_call
+
+    def base_vectors(self):
+        return {"clip_l": torch.full((768,), 0.01)}
+
+    def reference_context(self):
+        return torch.zeros(1, 77, 768), None
+
+    def target_contexts(self, rows):
+        return rows["clip_l"][:, None, :].expand(-1, 77, -1), None
+
+    def latents(self, images):
+        return torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True).repeat(1, 4, 1, 1), 8)
+
+    def latent_mask(self, mask, shape):
+        return torch.nn.functional.interpolate(mask, size=shape[-2:])
+
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture, pooled=None):
+        self.calls += 1
+        pred = eps * 0 + (context_k.mean() + context_v.mean()) * 10
+        if self.nan_at_call is not None and self.calls >= self.nan_at_call:
+            pred = pred * float("nan")
+        maps = [torch.softmax(context_k.mean(-1, keepdim=True).expand(-1, 77, 77) * 0, -1)] if capture else []
+        return pred, maps
+
+
+def test_divergence_stops_reports_the_step_and_keeps_the_last_good_state():
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import TrainingStopped, train_identity
+
+    settings = TrainSettings(steps=6, resolution=64, attn_lambda=0.0, color_jitter=0.0, scale_min=1.0, scale_max=1.0)
+    with pytest.raises(TrainingStopped) as stopped:
+        train_identity(_ToyBackend(nan_at_call=3), torch.rand(1, 3, 64, 64), settings)
+    assert isinstance(stopped.value.cause, SeFiError) and "step 3" in str(stopped.value.cause)
+    partial = stopped.value.partial.identity
+    assert partial.trained_steps == 2 and torch.isfinite(partial.k["clip_l"]).all()
+    with pytest.raises(SeFiError, match="at least 1"):
+        train_identity(_ToyBackend(), torch.rand(1, 3, 64, 64), TrainSettings(steps=0, resolution=64))

@@ -246,3 +246,29 @@ def test_identity_of_the_other_family_is_refused_naming_both(request, learned_on
     model, clip, _ = request.getfixturevalue(used_on)
     with pytest.raises(SeFiError, match=message), torch.inference_mode():
         apply_identities(model, clip, TEXT, [ident])
+
+
+def test_stopped_training_resumes_exactly_to_the_uninterrupted_result(models, tmp_path):
+    from sefi_ide.core.identity import load_identity, save_identity
+    from sefi_ide.core.training import TrainingStopped, train_identity
+    from sefi_ide.host.grad_scope import training_scope
+
+    settings, reference, backend = _training_setup(models, steps=4, seed=5)
+    settings.color_jitter, settings.flip_p, settings.scale_min, settings.scale_max = 0.2, 0.5, 0.8, 1.2
+
+    def stop_at_two(step, steps, record):
+        if step == 2:
+            raise RuntimeError("cancelled")
+
+    with training_scope():
+        full = train_identity(backend, reference, settings).identity
+        with pytest.raises(TrainingStopped) as stopped:
+            train_identity(backend, reference, settings, on_step=stop_at_two)
+        partial = stopped.value.partial.identity
+        assert partial.trained_steps == 2 and isinstance(stopped.value.cause, RuntimeError)
+        reloaded = load_identity(save_identity(partial, tmp_path / "stopped.safetensors"))
+        resumed = train_identity(backend, reference, settings, resume=reloaded).identity
+    assert resumed.trained_steps == 4
+    for enc in full.k:
+        assert torch.equal(resumed.k[enc], full.k[enc]) and torch.equal(resumed.v[enc], full.v[enc])
+        assert not torch.equal(partial.k[enc], full.k[enc])
