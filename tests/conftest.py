@@ -93,7 +93,7 @@ def server(comfy_host, tiny_sd1_path, tmp_path_factory):
             if time.time() > deadline:
                 raise RuntimeError(f"ComfyUI did not start:\n{(base / 'server.log').read_text()[-4000:]}")
             time.sleep(1)
-        yield {"url": url, "base": base, "log": base / "server.log"}
+        yield {"url": url, "base": base, "log": base / "server.log", "pid": proc.pid}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -185,3 +185,17 @@ def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
     # the host patches LoRA weights in place while a clone is loaded; loading the base model restores them
     comfy.model_management.load_models_gpu([model])
     assert torch.equal(model.model.state_dict()[target], before)
+
+
+@pytest.mark.parametrize("placeholder", ["<mary-jane_smith>", "sks_person", "<ÅsaLarsson>"])
+def test_placeholders_the_tokenizer_splits_still_get_one_identity_row(sd1, placeholder):
+    from sefi_ide.host.conditioning import build_stage_contexts
+
+    _, clip, _ = sd1
+    ident = random_identity(clip, placeholder=placeholder)
+    plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of person at the beach"))[0][0]
+    with torch.inference_mode():
+        ck, *_ = build_stage_contexts(clip, f"a photo of {placeholder} at the beach", [ident])
+    assert ck.shape == (5, 77, 768)
+    # same token count as the one-token word: the placeholder occupies exactly one row
+    assert torch.allclose(ck[0][:4], plain[0][:4], atol=1e-5) and not torch.allclose(ck[0][4], plain[0][4])

@@ -138,7 +138,13 @@ def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(ser
     pixels = (np.random.default_rng(2).random((80, 80, 3)) * 255).astype("uint8")
     Image.fromarray(pixels).save(server["base"] / "input" / "long.png")
     graph = _learn_apply_graph("long.png", "<bob> at the beach")
-    graph["learn"]["inputs"]["steps"] = 500
+    # the advanced trainer at 64 px: fast steps, so several finish before the interrupt
+    graph["learn"] = {"class_type": "FaceAttentionLossTrainer", "inputs": {
+        **graph["learn"]["inputs"], "steps": 500, "init_word": "person",
+        "reference_prompt": "a photo of the face of {word}", "attn_lambda": 0.003,
+        "token_option": "3: all 77 token maps (paper's best)", "layers": "auto", "stages": 5, "kv_split": True,
+        "lr": 0.005, "resolution": 64, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8, "scale_max": 1.2,
+        "batch_size": 1}}
     r = requests.post(f"{server['url']}/prompt", json={"prompt": graph}, timeout=30)
     prompt_id = r.json()["prompt_id"]
     time.sleep(12)  # model load + a few training steps
@@ -153,4 +159,82 @@ def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(ser
     status = hist[prompt_id]["status"]
     assert status["status_str"] == "error" and "interrupted" in str(status["messages"]).lower()
     assert stopped_after < 10, stopped_after  # one step on the tiny model takes ~1-2 s on the CPU
+    # the last good state was kept as a resumable identity file
+    kept = list((server["base"] / "models" / "sefi_identities").glob("bob-stopped-step*.safetensors"))
+    assert kept and int(kept[0].stem.rsplit("step", 1)[1]) >= 1
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
+
+
+def _write_identity(server, name: str, seed: int) -> None:
+    import torch
+    from sefi_ide.core.identity import Identity, save_identity
+
+    g = torch.Generator().manual_seed(seed)
+    ident = Identity(family="sd1", placeholder=f"<{name}>", init_word="person",
+                     k={"clip_l": torch.randn(5, 768, generator=g) * 0.02},
+                     v={"clip_l": torch.randn(5, 768, generator=g) * 0.02})
+    folder = server["base"] / "models" / "sefi_identities"
+    save_identity(ident, folder / f"{name}.safetensors", overwrite=True)
+
+
+def _generation_graph(name: str, prefix: str) -> dict:
+    graph = checkpoint_nodes()
+    graph["load"] = {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": f"{name}.safetensors"}}
+    graph["apply"] = {"class_type": "ApplyPerStageIDTokens", "inputs": {
+        "model": ["ckpt", 0], "clip": ["ckpt", 1], "text": f"<{name}> reading a book", "identity": ["load", 0]}}
+    graph["sample"]["inputs"]["model"] = ["apply", 0]
+    graph["sample"]["inputs"]["positive"] = ["apply", 1]
+    graph["save"]["inputs"]["filename_prefix"] = prefix
+    return graph
+
+
+def test_queued_load_completes_without_leaks_between_identities(server):
+    import numpy as np
+    import psutil
+    from PIL import Image
+
+    _write_identity(server, "ann", 1)
+    _write_identity(server, "ben", 2)
+    (server["base"] / "input").mkdir(exist_ok=True)
+    pixels = (np.random.default_rng(3).random((80, 80, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(server["base"] / "input" / "load.png")
+    proc = psutil.Process(server["pid"])
+    # warm-up: one of each kind, so the model is loaded and the allocator pools reach their steady size
+    run_prompt(server, _generation_graph("ann", "warm"))
+    run_prompt(server, _learn_apply_graph("load.png", "<bob> on a boat"))
+    baseline = proc.memory_info().rss
+
+    ids = []
+    for i in range(20):
+        name = "ann" if i % 2 == 0 else "ben"
+        r = requests.post(f"{server['url']}/prompt", json={"prompt": _generation_graph(name, f"load_{name}_{i:02d}")},
+                          timeout=30)
+        assert r.ok, r.text
+        ids.append(r.json()["prompt_id"])
+        if i % 7 == 3:  # three learning runs interleaved with the generations
+            learn = _learn_apply_graph("load.png", "<bob> on a boat")
+            learn["learn"]["inputs"]["seed"] = i
+            learn["save"]["inputs"]["filename_prefix"] = f"learn_{i:02d}"
+            ids.append(requests.post(f"{server['url']}/prompt", json={"prompt": learn}, timeout=30).json()["prompt_id"])
+    assert len(ids) == 23
+    deadline = time.time() + 900
+    pending = set(ids)
+    while pending and time.time() < deadline:
+        hist = requests.get(f"{server['url']}/history", params={"max_items": 200}, timeout=30).json()
+        for pid in list(pending):
+            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                assert hist[pid]["status"]["status_str"] == "success", hist[pid]["status"]
+                pending.discard(pid)
+        time.sleep(1)
+    assert not pending, f"{len(pending)} prompts did not finish"
+
+    out = server["base"] / "output"
+    ann = sorted(out.glob("load_ann_*.png"))
+    ben = sorted(out.glob("load_ben_*.png"))
+    assert len(ann) == len(ben) == 10
+    pixels_of = [np.asarray(Image.open(p)) for p in ann + ben]
+    assert all(np.array_equal(pixels_of[0], p) for p in pixels_of[:10])  # same seed + identity: same image
+    assert all(np.array_equal(pixels_of[10], p) for p in pixels_of[10:])  # no leak from the other identity
+    assert not np.array_equal(pixels_of[0], pixels_of[10])
+    grown = proc.memory_info().rss - baseline
+    assert grown < 0.15 * baseline, f"server memory grew by {grown / 2**20:.0f} MiB over {baseline / 2**20:.0f} MiB"
