@@ -33,6 +33,29 @@ class TrainSettings:
     batch_size: int = 1
     extra: dict = field(default_factory=dict)
 
+    def validate(self) -> None:
+        """Refuse settings that cannot train, naming the setting and its valid range."""
+        import math
+
+        checks = [
+            (1 <= self.steps <= 100_000, f"steps must be 1..100000 (got {self.steps})"),
+            (math.isfinite(self.lr) and 0 < self.lr <= 1, f"lr must be in (0, 1] (got {self.lr})"),
+            (math.isfinite(self.attn_lambda) and self.attn_lambda >= 0,
+             f"λ must be finite and >= 0 (got {self.attn_lambda})"),
+            (1 <= self.num_stages <= 10, f"stages must be 1..10 (got {self.num_stages})"),
+            (1 <= self.batch_size <= 64, f"batch_size must be 1..64 (got {self.batch_size})"),
+            (0 < self.scale_min <= self.scale_max,
+             f"need 0 < scale_min <= scale_max (got {self.scale_min}, {self.scale_max})"),
+            (0 <= self.flip_p <= 1 and 0 <= self.color_jitter <= 1, "flip_p and color_jitter must be in [0, 1]"),
+            (self.resolution >= 64 and self.resolution % 8 == 0,
+             f"resolution must be >= 64 and a multiple of 8 (got {self.resolution})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                from .errors import SeFiError
+
+                raise SeFiError(f"Invalid training setting: {message}.")
+
     def with_family_resolution(self, family: str) -> TrainSettings:
         """Settings with `resolution` resolved (0 -> the family's native training size)."""
         if self.resolution:

@@ -103,8 +103,7 @@ def train_identity(
 
     Raises TrainingStopped (with the last good, exactly resumable state) on cancel or divergence.
     """
-    if settings.steps < 1:
-        raise SeFiError(f"steps must be at least 1 (got {settings.steps}).")
+    settings.validate()
     generators = _build_generators(backend.base_vectors(), settings, resume)
     names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
     optimizer = torch.optim.Adam(list(names), lr=settings.lr)

@@ -194,5 +194,7 @@ def test_divergence_stops_reports_the_step_and_keeps_the_last_good_state():
     assert isinstance(stopped.value.cause, SeFiError) and "step 3" in str(stopped.value.cause)
     partial = stopped.value.partial.identity
     assert partial.trained_steps == 2 and torch.isfinite(partial.k["clip_l"]).all()
-    with pytest.raises(SeFiError, match="at least 1"):
-        train_identity(_ToyBackend(), torch.rand(1, 3, 64, 64), TrainSettings(steps=0, resolution=64))
+    for bad, match in (({"steps": 0}, "steps must be"), ({"lr": float("inf")}, "lr must be"),
+                       ({"attn_lambda": float("nan")}, "λ must be"), ({"scale_min": 2.0}, "scale_min")):
+        with pytest.raises(SeFiError, match=match):
+            train_identity(_ToyBackend(), torch.rand(1, 3, 64, 64), TrainSettings(resolution=64, **bad))
