@@ -1,6 +1,8 @@
 """Shared helpers for the in-process tests: identities from real vocabulary rows, sampling, stage maths."""
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 
@@ -54,3 +56,11 @@ def attn2_probe(records: list):
         return n, context, value
 
     return probe
+
+
+def state_hash(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -2,11 +2,9 @@
 ComfyUI's classes): real ComfyUI CLIP, UNet, VAE and samplers."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from helpers import attn2_probe, expected_stage, photo, random_identity, sample
+from helpers import attn2_probe, expected_stage, photo, random_identity, sample, state_hash
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
@@ -71,14 +69,6 @@ def test_k_and_v_come_from_different_tokens(models):
     assert (a - b).abs().max() > 1e-4
 
 
-def _state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def learn_small(models, image, steps, seed, mask=None, **overrides):
     """FaceAttentionLossTrainer with the paper's defaults except a 64 px training square (CPU speed)."""
     from sefi_ide.core.settings import TrainSettings
@@ -102,14 +92,14 @@ def test_learn_apply_sample_leaves_model_and_clip_bit_identical(models):
     model, clip, _ = models
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
     plain_before = sample(model, clip, positive)
-    hashes = (_state_hash(model.model), _state_hash(clip.cond_stage_model))
+    hashes = (state_hash(model.model), state_hash(clip.cond_stage_model))
     grad_before = torch.is_grad_enabled()
     ident = learn_small(models, photo(), steps=2, seed=0)
     with torch.inference_mode():
         m2, p2 = ApplyPerStageIDTokens().apply(model, clip, TEXT, ident)
         sample(m2, clip, p2)
     assert torch.is_grad_enabled() == grad_before
-    assert (_state_hash(model.model), _state_hash(clip.cond_stage_model)) == hashes
+    assert (state_hash(model.model), state_hash(clip.cond_stage_model)) == hashes
     assert torch.equal(sample(model, clip, positive), plain_before)
 
 

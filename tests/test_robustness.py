@@ -1,22 +1,12 @@
 """Failures never corrupt files, mutate the loaded models, or leave the host's grad mode changed."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from helpers import photo, random_identity, sample
+from helpers import photo, random_identity, sample, state_hash
 from sefi_ide.core.errors import SeFiError
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
-
-
-def _hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_mismatched_model_and_clip_are_refused_naming_the_supported_families(sd1, sdxl):
@@ -39,7 +29,7 @@ def test_a_failure_mid_training_leaves_models_and_grad_mode_as_they_were(sd1, tm
     model, clip, vae = sd1
     positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person"))
     before_image = sample(model, clip, positive, steps=3)
-    hashes = (_hash(model.model), _hash(clip.cond_stage_model))
+    hashes = (state_hash(model.model), state_hash(clip.cond_stage_model))
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     with torch.inference_mode(), pytest.raises(SeFiError, match="single token"):
         # fails after the backend has loaded the model and built the generators: a two-token init word
@@ -53,7 +43,7 @@ def test_a_failure_mid_training_leaves_models_and_grad_mode_as_they_were(sd1, tm
             "3: all 77 token maps (paper's best)", "auto", 5, True, 0.005, 64, 0.2, 0.5, 0.8, 1.2, 1)
     assert not list(tmp_path.iterdir())  # nothing trained, so no "last good state" file
     assert (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) == (grad, inference)
-    assert (_hash(model.model), _hash(clip.cond_stage_model)) == hashes
+    assert (state_hash(model.model), state_hash(clip.cond_stage_model)) == hashes
     assert torch.equal(sample(model, clip, positive, steps=3), before_image)
 
 
