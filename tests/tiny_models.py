@@ -231,3 +231,31 @@ def tiny_sd1_controlnet(seed: int = 0):
                                      operations=comfy.ops.disable_weight_init)
     state = {k: v.float() for k, v in _fill(_shapes(net), seed).items()}
     return comfy.controlnet.load_controlnet_state_dict(state)
+
+
+def random_family_models(family: str, unet_config: dict, seed: int = 0):
+    """Full-size (or any-size) random-weight MODEL/CLIP/VAE of a family through ComfyUI's classes (benchmarks)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    device = mm.get_torch_device()
+    dtype = mm.unet_dtype()
+    config = (comfy.supported_models.SD15 if family == "sd1" else comfy.supported_models.SDXL)(dict(unet_config))
+    config.set_inference_dtype(dtype, None)
+    base_model = config.get_model({})
+    _fill_module(base_model.diffusion_model, seed)
+    model = comfy.model_patcher.ModelPatcher(base_model, load_device=device, offload_device=mm.unet_offload_device())
+    clip_cls = comfy.sd1_clip.SD1ClipModel if family == "sd1" else comfy.sdxl_clip.SDXLClipModel
+    tok_cls = comfy.sd1_clip.SD1Tokenizer if family == "sd1" else comfy.sdxl_clip.SDXLTokenizer
+    clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tok_cls, clip_cls))
+    _fill_module(clip.cond_stage_model, seed + 1)
+    with torch.device("meta"):
+        vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
+    vae = comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed + 2).items()})
+    return model, clip, vae

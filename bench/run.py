@@ -1,0 +1,200 @@
+"""SeFi-IDE benchmark: training-step breakdown, learning time, peak memory, conditioning build time and the
+sampling-time ratio with vs without identity tokens, measured in one run on whatever device is present.
+
+    python bench/run.py --family sd1 --arch full          # SD1.4-architecture, random weights, 512 px
+    python bench/run.py --family sdxl --arch full         # SDXL-architecture, random weights, 1024 px
+    python bench/run.py --family sd1 --arch tiny --steps 5 --resolution 64   # the test models (CPU smoke run)
+
+Speed and memory do not depend on the weights' values, so full-size architectures use random weights
+built through ComfyUI's own classes. Prints a table and appends a dated row to bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+import harness
+
+FULL_SD1_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+FULL_SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(family: str, arch: str):
+    """(MODEL, CLIP, VAE) under inference mode, as the host would hand them to a node."""
+    import tiny_models
+
+    with torch.inference_mode():
+        if arch == "tiny":
+            if family == "sdxl":
+                return tiny_models.tiny_sdxl()
+            import comfy.sd
+
+            model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.tiny_sd1_checkpoint()),
+                                                                        output_vae=True, output_clip=True)
+            return model, clip, vae
+        return tiny_models.random_family_models(family, FULL_SD1_UNET if family == "sd1" else FULL_SDXL_UNET)
+
+
+class TimedBackend:
+    """Wraps the ComfyUI training backend and accumulates time per phase of a training step."""
+
+    def __init__(self, backend):
+        self._b = backend
+        self.times = {"text encoding": 0.0, "reference pass": 0.0, "target forward": 0.0, "vae latents": 0.0}
+
+    def __getattr__(self, name):
+        return getattr(self._b, name)
+
+    def _timed(self, key, fn, *args, **kwargs):
+        sync()
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        self.times[key] += time.perf_counter() - t
+        return out
+
+    def target_contexts(self, rows):
+        return self._timed("text encoding", self._b.target_contexts, rows)
+
+    def latents(self, images):
+        return self._timed("vae latents", self._b.latents, images)
+
+    def predict_noise(self, *args, **kwargs):
+        key = "target forward" if torch.is_grad_enabled() else "reference pass"
+        return self._timed(key, self._b.predict_noise, *args, **kwargs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
+    ap.add_argument("--arch", choices=["tiny", "full"], default="full")
+    ap.add_argument("--steps", type=int, default=20, help="training steps measured (after 2 warm-up steps)")
+    ap.add_argument("--resolution", type=int, default=0, help="0 = native (512 SD1, 1024 SDXL)")
+    ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args()
+
+    harness.register_pack_namespace()
+    harness.import_comfy_in_process() if not torch.cuda.is_available() else _gpu_host()
+    import comfy.model_management as mm
+    import comfy.sample
+    from sefi_ide.core.settings import DEFAULT_STEPS, TrainSettings
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.conditioning import apply_identities
+    from sefi_ide.host.grad_scope import training_scope
+
+    device = mm.get_torch_device()
+    device_name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    model, clip, vae = build(args.family, args.arch)
+    settings = TrainSettings(steps=args.steps + 2, resolution=args.resolution).with_family_resolution(args.family)
+    R = settings.resolution
+    image = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(0))
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    step_times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step, steps, record):
+        sync()
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+
+    with training_scope():
+        backend = TimedBackend(ComfyTrainingBackend(model, clip, vae, settings))
+        warm = dict(backend.times)
+        sync()
+        last[0] = time.perf_counter()
+        result = train_identity(backend, image, settings, on_step=on_step)
+    measured = step_times[2:]
+    per_step = sum(measured) / len(measured)
+    # phase times over the measured steps only: subtract the first two steps' share proportionally
+    frac = len(measured) / len(step_times)
+    phases = {k: (v - warm[k]) * frac / len(measured) for k, v in backend.times.items()}
+    phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
+
+    text = "a photo of <id> holding a basketball, eyes closed"
+    identity = result.identity
+    with torch.inference_mode():
+        for _ in range(2):
+            apply_identities(model, clip, text, [identity])
+        sync()
+        t = time.perf_counter()
+        n_cond = 5
+        for _ in range(n_cond):
+            patched, positive = apply_identities(model, clip, text, [identity])
+        sync()
+        cond_ms = (time.perf_counter() - t) / n_cond * 1000
+        plain = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of person holding a basketball, eyes closed"))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        latent = torch.zeros(1, 4, R // 8, R // 8)
+        noise = comfy.sample.prepare_noise(latent, 0)
+
+        def timed_sample(m, pos):
+            sync()
+            t0 = time.perf_counter()
+            comfy.sample.sample(m, noise, args.sample_steps, 7.0, "euler", "normal", pos, negative, latent, seed=0,
+                                disable_pbar=True)
+            sync()
+            return time.perf_counter() - t0
+
+        timed_sample(model, plain), timed_sample(patched, positive)  # warm-up
+        pairs = [(timed_sample(model, plain), timed_sample(patched, positive)) for _ in range(3)]
+    t_plain = min(p for p, _ in pairs)
+    t_id = min(i for _, i in pairs)
+
+    rows = [("device", device_name), ("family / arch / px", f"{args.family} / {args.arch} / {R}")]
+    rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
+    rows += [("step: total", f"{per_step * 1000:.1f} ms"),
+             (f"learning time at {DEFAULT_STEPS} steps", f"{per_step * DEFAULT_STEPS:.1f} s"),
+             ("peak GPU memory (training)", f"{peak:.2f} GiB"),
+             ("conditioning build (all stages, K and V)", f"{cond_ms:.1f} ms"),
+             (f"sampling {args.sample_steps} steps: plain / identity", f"{t_plain:.2f} s / {t_id:.2f} s"),
+             ("sampling overhead", f"{(t_id / t_plain - 1) * 100:+.1f} %")]
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    if not args.no_record:
+        line = (f"| {datetime.date.today()} | {device_name} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
+                f"{per_step * DEFAULT_STEPS:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
+                f"{(t_id / t_plain - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
+        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
+            f.write(line)
+
+
+def _gpu_host() -> None:
+    host = harness.find_comfyui()
+    if str(host) not in sys.path:
+        sys.path.insert(0, str(host))
+
+
+if __name__ == "__main__":
+    main()
