@@ -41,12 +41,10 @@ class ComfyTrainingBackend:
         if not isinstance(self.model_sampling, comfy.model_sampling.EPS):
             raise SeFiError("This checkpoint is not an ε-prediction model (v-prediction or flow). SeFi-IDE learns on "
                             "ε-prediction SD1.x / SDXL checkpoints.")
-        comfy.model_management.load_models_gpu([model])
-        self.device = model.load_device
-        self.unet = model.model.diffusion_model
-        self.layers = select_layers(cross_attention_layers(self.unet), settings.layers)
+        self.layers = select_layers(cross_attention_layers(model.model.diffusion_model), settings.layers)
         self.capture = AttentionCapture(self.layers)
 
+        # prompt checks first: they are cheap and fail before any model is moved to the device
         placeholder = check_placeholder(settings.placeholder)
         init_ids = word_token_id(clip, settings.init_word)
         if "{word}" not in settings.reference_prompt:
@@ -67,6 +65,8 @@ class ComfyTrainingBackend:
         end_id = clip.tokenize("")["l"][0][1][0]
         self.eos_index = ref_ids.index(end_id, 1)
         self._ref_tokens = ref_tokens
+        comfy.model_management.load_models_gpu([model])
+        self.device = model.load_device
 
     # --- text -------------------------------------------------------------------------------
     def base_vectors(self) -> dict[str, torch.Tensor]:

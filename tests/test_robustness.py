@@ -32,7 +32,7 @@ def test_a_failure_mid_training_leaves_models_and_grad_mode_as_they_were(sd1, tm
     hashes = (state_hash(model.model), state_hash(clip.cond_stage_model))
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     with torch.inference_mode(), pytest.raises(SeFiError, match="single token"):
-        # fails after the backend has loaded the model and built the generators: a two-token init word
+        # a two-token init word: refused before anything is trained
         FaceAttentionLossTrainer().train(
             model, clip, vae, photo(), "<alice>", 3, 0, "person person", "a photo of the face of {word}", 0.003,
             "3: all 77 token maps (paper's best)", "auto", 5, True, 0.005, 64, 0.2, 0.5, 0.8, 1.2, 1)
