@@ -199,3 +199,46 @@ def test_placeholders_the_tokenizer_splits_still_get_one_identity_row(sd1, place
     assert ck.shape == (5, 77, 768)
     # same token count as the one-token word: the placeholder occupies exactly one row
     assert torch.allclose(ck[0][:4], plain[0][:4], atol=1e-5) and not torch.allclose(ck[0][4], plain[0][4])
+
+
+@pytest.mark.parametrize("how", ["concat_ours_first", "concat_ours_second", "combine"])
+def test_identity_survives_conditioning_concat_and_combine(sd1, how):
+    from sefi_ide.host.conditioning import apply_identities, build_stage_contexts
+
+    import nodes as core_nodes
+
+    model, clip, _ = sd1
+    ident = random_identity(clip, placeholder="<alice>")
+    text = "a photo of <alice> at the beach"
+    with torch.inference_mode():
+        patched, ours = apply_identities(model, clip, text, [ident])
+        ck, cv, *_ = build_stage_contexts(clip, text, [ident])
+        other = clip.encode_from_tokens_scheduled(clip.tokenize("sunset, film grain"))
+        if how == "concat_ours_first":
+            positive = core_nodes.ConditioningConcat().concat(ours, other)[0]
+        elif how == "concat_ours_second":
+            positive = core_nodes.ConditioningConcat().concat(other, ours)[0]
+        else:
+            positive = core_nodes.ConditioningCombine().combine(ours, other)[0]
+    other_ctx = other[0][0][0]
+    seen = []
+    patched.set_model_attn2_patch(attn2_probe(seen))
+    sample(patched, clip, positive, steps=4)
+    found_ours = found_other = 0
+    for sigmas, cond_or_uncond, context, value in seen:
+        stage = expected_stage(model, sigmas, 5)
+        rows = len(sigmas)
+        for chunk, kind in enumerate(cond_or_uncond):
+            if kind != 0:
+                continue
+            for r in range(rows):
+                k_blocks = context[chunk * rows + r].split(77)
+                v_blocks = value[chunk * rows + r].split(77)
+                for kb, vb in zip(k_blocks, v_blocks):
+                    if torch.allclose(kb, ck[stage[r]], atol=1e-6):
+                        assert torch.allclose(vb, cv[stage[r]], atol=1e-6)
+                        found_ours += 1
+                    else:  # the other prompt passes untouched
+                        assert torch.equal(kb, other_ctx) and torch.equal(vb, other_ctx)
+                        found_other += 1
+    assert found_ours > 0 and found_other > 0
