@@ -1,6 +1,7 @@
 """End to end on a real ComfyUI server: this pack loads from custom_nodes and graphs run over HTTP."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -130,8 +131,34 @@ def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, imag
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
 
 
+def _queue_and_wait_for_progress(server, graph: dict, min_step: int, timeout: float = 300) -> str:
+    """Queue `graph` and return its prompt id once the UI progress bar (websocket) reached `min_step`."""
+    import asyncio
+
+    import aiohttp
+
+    client_id = str(uuid.uuid4())
+
+    async def run() -> str:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"{server['url']}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                prompt_id = (await r.json())["prompt_id"]
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(msg.data)
+                if (data.get("type") == "progress" and data["data"].get("prompt_id") == prompt_id
+                        and data["data"]["value"] >= min_step):
+                    return prompt_id
+        raise RuntimeError("websocket closed before the progress was reached")
+
+    return asyncio.run(asyncio.wait_for(run(), timeout))
+
+
 def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(server):
     import numpy as np
+    import psutil
     from PIL import Image
 
     (server["base"] / "input").mkdir(exist_ok=True)
@@ -145,9 +172,12 @@ def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(ser
         "token_option": "3: all 77 token maps (paper's best)", "layers": "auto", "stages": 5, "kv_split": True,
         "lr": 0.005, "resolution": 64, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8, "scale_max": 1.2,
         "batch_size": 1}}
-    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph}, timeout=30)
-    prompt_id = r.json()["prompt_id"]
-    time.sleep(12)  # model load + a few training steps
+    proc = psutil.Process(server["pid"])
+    warm = dict(graph)
+    warm["learn"] = {**graph["learn"], "inputs": {**graph["learn"]["inputs"], "steps": 2}}
+    assert run_prompt(server, warm)["status"]["status_str"] == "success"  # same graph, short: pools warm
+    baseline = proc.memory_info().rss
+    prompt_id = _queue_and_wait_for_progress(server, graph, min_step=3)  # a few training steps done
     started = time.time()
     requests.post(f"{server['url']}/interrupt", timeout=30)
     while time.time() - started < 60:
@@ -163,6 +193,8 @@ def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(ser
     kept = list((server["base"] / "models" / "sefi_identities").glob("bob-stopped-step*.safetensors"))
     assert kept and int(kept[0].stem.rsplit("step", 1)[1]) >= 1
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
+    grown = proc.memory_info().rss - baseline  # the cancelled run's tensors are gone
+    assert grown < 0.15 * baseline, f"memory grew by {grown / 2**20:.0f} MiB after the cancelled run"
 
 
 def _write_identity(server, name: str, seed: int) -> None:
