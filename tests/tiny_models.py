@@ -190,6 +190,16 @@ def _fill_module(module: torch.nn.Module, seed: int) -> None:
                             zip(sorted(values.items()), [module.state_dict()[k] for k in sorted(values)])})
 
 
+def _random_vae(seed: int):
+    """The standard SD/SDXL VAE architecture through comfy.sd.VAE, every weight filled from `seed`."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.device("meta"):
+        vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
+    return comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed).items()})
+
+
 def tiny_sdxl(seed: int = 0):
     """(MODEL, CLIP, VAE) of the SDXL family, built through ComfyUI's classes and filled from `seed`.
 
@@ -201,7 +211,6 @@ def tiny_sdxl(seed: int = 0):
     import comfy.sdxl_clip
     import comfy.supported_models
     import comfy.supported_models_base
-    from comfy.ldm.models.autoencoder import AutoencoderKL
 
     config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
     config.set_inference_dtype(torch.float32, None)
@@ -214,9 +223,7 @@ def tiny_sdxl(seed: int = 0):
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     _fill_module(clip.cond_stage_model, seed + 1)
 
-    with torch.device("meta"):
-        vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
-    vae = comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed + 2).items()})
+    vae = _random_vae(seed + 2)
     return model, clip, vae
 
 
@@ -242,7 +249,6 @@ def random_family_models(family: str, unet_config: dict, seed: int = 0):
     import comfy.sdxl_clip
     import comfy.supported_models
     import comfy.supported_models_base
-    from comfy.ldm.models.autoencoder import AutoencoderKL
 
     device = mm.get_torch_device()
     dtype = mm.unet_dtype()
@@ -255,7 +261,5 @@ def random_family_models(family: str, unet_config: dict, seed: int = 0):
     tok_cls = comfy.sd1_clip.SD1Tokenizer if family == "sd1" else comfy.sdxl_clip.SDXLTokenizer
     clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tok_cls, clip_cls))
     _fill_module(clip.cond_stage_model, seed + 1)
-    with torch.device("meta"):
-        vae_shapes = _shapes(AutoencoderKL(ddconfig=SD_VAE_DDCONFIG, embed_dim=4))
-    vae = comfy.sd.VAE(sd={k: v.float() for k, v in _fill(vae_shapes, seed + 2).items()})
+    vae = _random_vae(seed + 2)
     return model, clip, vae
