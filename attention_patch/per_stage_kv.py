@@ -60,7 +60,7 @@ class PerStageKVPatch:
             self._last = (context_attn2, value_attn2, sigmas.clone(), out_k, out_v, match, biases)
         if self.region_attention is not None:
             self.region_attention.pending = None
-            if match is not None and self.regions is not None and self.regions.active:
+            if match is not None:  # region_attention and regions are installed together, only when a mask is set
                 shape = extra_options.get("activations_shape")
                 hw = (int(shape[-2]), int(shape[-1]))
                 if hw not in biases:

@@ -38,10 +38,6 @@ class RegionBias:
         self.prompt_tokens = prompt_tokens
         self._cache: dict = {}
 
-    @property
-    def active(self) -> bool:
-        return any(r is not None for r in self.regions)
-
     def _outside(self, region: torch.Tensor, h: int, w: int) -> torch.Tensor:
         key = (id(region), h, w)
         if key not in self._cache:
@@ -56,12 +52,11 @@ class RegionBias:
         for cols, region in zip(self.columns, self.regions):
             if region is None:
                 continue
-            outside = self._outside(region, h, w)
+            pixels = self._outside(region, h, w).nonzero().flatten()[None, :]
             if bias is None:
                 bias = torch.zeros(match.shape[0], h * w, tokens)
             for b in range(match.shape[1]):
-                rows = match[:, b].cpu()
+                rows = match[:, b].cpu().nonzero().flatten()[:, None]
                 for c in cols:
-                    col = b * self.prompt_tokens + c
-                    bias[rows.nonzero().flatten()[:, None], outside.nonzero().flatten()[None, :], col] = NEG
+                    bias[rows, pixels, b * self.prompt_tokens + c] = NEG
         return bias

@@ -1,8 +1,10 @@
 """Training settings that travel together (the paper's defaults)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
+from .errors import SeFiError
 from .losses import TokenOption
 
 # Default step count: the paper optimises ~5 min on a TITAN RTX; textual-inversion style single-image
@@ -35,8 +37,6 @@ class TrainSettings:
 
     def validate(self) -> None:
         """Refuse settings that cannot train, naming the setting and its valid range."""
-        import math
-
         checks = [
             (1 <= self.steps <= 100_000, f"steps must be 1..100000 (got {self.steps})"),
             (math.isfinite(self.lr) and 0 < self.lr <= 1, f"lr must be in (0, 1] (got {self.lr})"),
@@ -52,8 +52,6 @@ class TrainSettings:
         ]
         for ok, message in checks:
             if not ok:
-                from .errors import SeFiError
-
                 raise SeFiError(f"Invalid training setting: {message}.")
 
     def with_family_resolution(self, family: str) -> TrainSettings:

@@ -10,16 +10,17 @@ from ..core.identity import Identity
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding
 
 
-def _scaled(clip, ident: Identity, table: str, stage: int) -> dict[str, torch.Tensor]:
-    """The identity's token for one stage, moved toward its init word by strength:
+def _scaled_tokens(clip, ident: Identity) -> dict[str, dict[str, torch.Tensor]]:
+    """The identity's k/v tables (S, d) per encoder, moved toward its init word by strength:
     e + strength·(token − e); strength 0 gives the plain init word (the prompt without the identity)."""
-    tokens = {enc: getattr(ident, table)[enc][stage] for enc in ident.k}
+    tables = {"k": ident.k, "v": ident.v}
     if ident.strength == 1.0:
-        return tokens
+        return tables
     if not ident.init_word:
         raise SeFiError(f"Identity '{ident.placeholder}' records no init word, so its strength cannot be changed.")
     base = word_embedding(clip, ident.init_word)
-    return {enc: base[enc] + ident.strength * (tok - base[enc]) for enc, tok in tokens.items()}
+    return {name: {enc: base[enc] + ident.strength * (tok - base[enc]) for enc, tok in table.items()}
+            for name, table in tables.items()}
 
 
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
@@ -43,11 +44,12 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     # variant j < S: K path of stage j; j >= S: V path of stage j - S. Encode the middle K first so
     # that the pooled output the encoder returns (first variant only) is the nominal one.
     order = [mid] + [j for j in range(2 * S) if j != mid]
+    scaled = [_scaled_tokens(clip, ident) for ident in identities]
     variants = []
     for j in order:
         table = "k" if j < S else "v"
         s = j % S
-        rows = {p: _scaled(clip, ident, table, s) for p, ident in zip(placeholders, identities)}
+        rows = {p: {enc: tok[s] for enc, tok in tables[table].items()} for p, tables in zip(placeholders, scaled)}
         variants.append(inject(marked, rows))
     with torch.no_grad():
         encoded, pooled = encode_variants(clip, variants, batched=False)
