@@ -109,12 +109,13 @@ def mark_prompt(clip, text: str, placeholders: list[str]) -> MarkedPrompt:
         raise SeFiError(f"The prompt does not contain the placeholder(s) {', '.join(missing)}. Write them in the "
                         f"prompt where the person goes, e.g. 'a photo of {missing[0]} at the beach'.")
     markers: dict[str, str] = {}
+    marker_ids: dict[str, dict[str, int]] = {}  # placeholder -> tokenizer key -> the marker's token id
     candidates = [m for m in _MARKERS if m not in text.lower()]
     for p in placeholders:
         while candidates:
             m = candidates.pop(0)
             try:
-                word_token_id(clip, m)
+                marker_ids[p] = word_token_id(clip, m)
             except SeFiError:
                 continue
             markers[p] = m
@@ -127,7 +128,7 @@ def mark_prompt(clip, text: str, placeholders: list[str]) -> MarkedPrompt:
     tokens = clip.tokenize(marked_text)
     positions: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for p in placeholders:
-        ids = word_token_id(clip, markers[p])
+        ids = marker_ids[p]
         positions[p] = {}
         for key, chunks in tokens.items():
             found = [(c, i) for c, chunk in enumerate(chunks) for i, t in enumerate(chunk) if t[0] == ids[key]]
