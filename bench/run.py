@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ FULL_SD1_UNET = {
     "adm_in_channels": None, "in_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
     "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
     "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8,
-    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],  # popped from the end: output block 0 last
     "use_temporal_resblock": False, "use_temporal_attention": False,
 }
 FULL_SDXL_UNET = {
@@ -45,7 +46,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def build(family: str, arch: str):
+def build(family: str, arch: str, dtype: torch.dtype | None = None):
     """(MODEL, CLIP, VAE) under inference mode, as the host would hand them to a node."""
     import tiny_models
 
@@ -58,7 +59,8 @@ def build(family: str, arch: str):
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.tiny_sd1_checkpoint()),
                                                                         output_vae=True, output_clip=True)
             return model, clip, vae
-        return tiny_models.random_family_models(family, FULL_SD1_UNET if family == "sd1" else FULL_SDXL_UNET)
+        return tiny_models.random_family_models(family, FULL_SD1_UNET if family == "sd1" else FULL_SDXL_UNET,
+                                                dtype=dtype)
 
 
 class TimedBackend:
@@ -97,6 +99,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps measured (after 2 warm-up steps)")
     ap.add_argument("--resolution", type=int, default=0, help="0 = native (512 SD1, 1024 SDXL)")
     ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--layers", default="auto", help="attention-loss layers (TrainSettings.layers)")
+    ap.add_argument("--unet-dtype", choices=["host", "fp32", "fp16", "bf16"], default="host",
+                    help="weights' dtype of the full-size UNet (host = what ComfyUI picks on this device)")
+    ap.add_argument("--reference-in-batch", choices=["auto", "on", "off"], default="auto",
+                    help="reference pass in the target's UNet batch (TrainSettings.reference_in_batch)")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -112,17 +120,31 @@ def main() -> None:
 
     device = mm.get_torch_device()
     device_name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    model, clip, vae = build(args.family, args.arch)
-    settings = TrainSettings(steps=args.steps + 2, resolution=args.resolution).with_family_resolution(args.family)
+    dtypes = {"host": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    model, clip, vae = build(args.family, args.arch, dtypes[args.unet_dtype])
+    settings = TrainSettings(steps=args.steps + (4 if args.profile else 2), resolution=args.resolution,
+                             layers=args.layers,
+                             reference_in_batch={"auto": None, "on": True, "off": False}[args.reference_in_batch]).with_family_resolution(args.family)
     R = settings.resolution
     image = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(0))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     step_times: list[float] = []
+    warm: dict[str, float] = {}
     last = [time.perf_counter()]
 
+    profiler = torch.profiler.profile() if args.profile else None
+
+    warmup = 4 if profiler is not None else 2  # profiled steps (3-4) are slower: not measured
+
     def on_step(step, steps, record):
+        if step == 2 and profiler is not None:
+            profiler.start()
+        if step == 4 and profiler is not None:
+            profiler.stop()
+        if step == warmup:
+            warm.update(backend.times)
         sync()
         now = time.perf_counter()
         step_times.append(now - last[0])
@@ -130,17 +152,19 @@ def main() -> None:
 
     with training_scope():
         backend = TimedBackend(ComfyTrainingBackend(model, clip, vae, settings))
-        warm = dict(backend.times)
         sync()
         last[0] = time.perf_counter()
         result = train_identity(backend, image, settings, on_step=on_step)
-    measured = step_times[2:]
+    print("losses:", " ".join(f"{r['loss']:.5f}" for r in result.history))
+    if profiler is not None:
+        for key in ("self_cpu_time_total", "self_cuda_time_total"):
+            print(profiler.key_averages().table(sort_by=key, row_limit=14))
+    measured = step_times[warmup:]
     per_step = sum(measured) / len(measured)
-    # phase times over the measured steps only: subtract the first two steps' share proportionally
-    frac = len(measured) / len(step_times)
-    phases = {k: (v - warm[k]) * frac / len(measured) for k, v in backend.times.items()}
+    phases = {k: (v - warm[k]) / len(measured) for k, v in backend.times.items()}  # after the 2 warm-up steps
     phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
+    resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
 
     text = "a photo of <id> holding a basketball, eyes closed"
     identity = result.identity
@@ -168,24 +192,31 @@ def main() -> None:
             return time.perf_counter() - t0
 
         timed_sample(model, plain), timed_sample(patched, positive)  # warm-up
-        pairs = [(timed_sample(model, plain), timed_sample(patched, positive)) for _ in range(3)]
-    t_plain = min(p for p, _ in pairs)
-    t_id = min(i for _, i in pairs)
+        # interleaved pairs, median ratio: sampling time drifts between runs (clocks, CPU launch speed)
+        pairs = [(timed_sample(model, plain), timed_sample(patched, positive)) for _ in range(7)]
+    t_plain = statistics.median(p for p, _ in pairs)
+    t_id = statistics.median(i for _, i in pairs)
+    ratio = statistics.median(i / p for p, i in pairs)
 
-    rows = [("device", device_name), ("family / arch / px", f"{args.family} / {args.arch} / {R}")]
+    unet = model.model.diffusion_model
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    rows = [("device", device_name), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
+            ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
+            ("reference pass in target batch", args.reference_in_batch)]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
              (f"learning time at {DEFAULT_STEPS} steps", f"{per_step * DEFAULT_STEPS:.1f} s"),
              ("peak GPU memory (training)", f"{peak:.2f} GiB"),
+             ("GPU memory held after training (weights)", f"{resident:.2f} GiB"),
              ("conditioning build (all stages, K and V)", f"{cond_ms:.1f} ms"),
              (f"sampling {args.sample_steps} steps: plain / identity", f"{t_plain:.2f} s / {t_id:.2f} s"),
-             ("sampling overhead", f"{(t_id / t_plain - 1) * 100:+.1f} %")]
+             ("sampling overhead (median of 7 pairs)", f"{(ratio - 1) * 100:+.1f} %")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     if not args.no_record:
         line = (f"| {datetime.date.today()} | {device_name} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
                 f"{per_step * DEFAULT_STEPS:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
-                f"{(t_id / t_plain - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
+                f"{(ratio - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(line)
 

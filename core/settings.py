@@ -33,6 +33,9 @@ class TrainSettings:
     scale_min: float = 0.8
     scale_max: float = 1.2
     batch_size: int = 1
+    # reference pass in the same UNet batch as the target pass: fewer launches, more activation memory.
+    # None = by family: on for SD1, off for SDXL (keeps 1024 px training inside 20 GB)
+    reference_in_batch: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -8,7 +8,8 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 def stage_of_timestep(t: torch.Tensor | float, num_stages: int) -> torch.Tensor:
     """stage(t) = min(S-1, floor(t*S/1000)); high t (early sampling) -> last stage index."""
-    t = torch.as_tensor(t, dtype=torch.float64)
+    # float32 is exact here (t·S < 2^24 and a non-integer t·S/1000 is ≥ 0.001 from an integer) and runs on any device
+    t = torch.as_tensor(t, dtype=torch.float32)
     stage = torch.floor(t * num_stages / NUM_TRAIN_TIMESTEPS).long()
     return stage.clamp(0, num_stages - 1)
 

@@ -156,21 +156,34 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
     eps = torch.randn(z0.shape, generator=rng).to(z0)
     stage = stage_of_timestep(t, S)
 
-    # A_ref under the reference context, same z_t and t, no gradient
-    ref_maps: list[torch.Tensor] = []
-    if use_attn:
-        with torch.no_grad():
-            _, ref_maps = backend.predict_noise(z0, eps, t, ref_context.expand(B, -1, -1),
-                                                ref_context.expand(B, -1, -1), capture=True, pooled=ref_pooled)
-
     # forward with the current stage's tokens: C^K_s from k_s, C^V_s from v_s
     rows = {}
     for enc, gen in generators.items():
         k, v = gen()
         rows[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
     contexts, pooled = backend.target_contexts(rows)  # K rows first: SDXL's pooled comes from the K path
-    eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, contexts[:B], contexts[B:], capture=use_attn,
-                                               pooled=pooled)
+    ctx_k, ctx_v = contexts[:B], contexts[B:]
+    ref_k = ref_context.expand(B, -1, -1)
+
+    # A_ref: the reference context, same z_t and t, no gradient
+    ref_maps: list[torch.Tensor] = []
+    in_batch = settings.reference_in_batch
+    if in_batch is None:
+        in_batch = backend.family == "sd1"
+    if use_attn and in_batch:  # one UNet pass of 2B rows: reference first, then target
+        both = _pair(ref_pooled, pooled, B)
+        eps_pred, maps = backend.predict_noise(torch.cat([z0, z0]), torch.cat([eps, eps]), torch.cat([t, t]),
+                                               torch.cat([ref_k, ctx_k]), torch.cat([ref_k, ctx_v]), capture=True,
+                                               pooled=both)
+        eps_pred = eps_pred[B:]
+        half = maps[0].shape[0] // 2 if maps else 0  # maps are (rows·heads, HW, tokens), row-major
+        ref_maps = [m[:half].detach() for m in maps]
+        tgt_maps = [m[half:] for m in maps]
+    else:
+        if use_attn:
+            with torch.no_grad():
+                _, ref_maps = backend.predict_noise(z0, eps, t, ref_k, ref_k, capture=True, pooled=ref_pooled)
+        eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, ctx_k, ctx_v, capture=use_attn, pooled=pooled)
 
     l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
     l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,
@@ -193,6 +206,13 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
     history.append(record)
     if on_step is not None:
         on_step(step + 1, settings.steps, record)
+
+
+def _pair(ref_pooled: torch.Tensor | None, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Pooled text rows for a reference+target batch (SDXL); None for families without one."""
+    if pooled is None:
+        return None
+    return torch.cat([ref_pooled.expand(batch, -1).to(pooled), pooled.expand(batch, -1)])
 
 
 def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, names: dict, settings: TrainSettings,

@@ -10,6 +10,7 @@ from ..attention_patch.per_stage_kv import FixedKVPatch
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_ENCODERS
 from ..core.settings import TrainSettings
+from .grad_scope import frozen_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
 
@@ -74,7 +75,8 @@ class ComfyTrainingBackend:
         return word_embedding(self.clip, self.settings.init_word)
 
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        ctx, pooled = encode_variants(self.clip, [self._ref_tokens])
+        with frozen_pass():
+            ctx, pooled = encode_variants(self.clip, [self._ref_tokens])
         return ctx.to(self.device), pooled
 
     def target_contexts(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,7 +90,8 @@ class ComfyTrainingBackend:
     # --- images -----------------------------------------------------------------------------
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         pixels = images.permute(0, 2, 3, 1)  # ComfyUI IMAGE layout: B,H,W,C
-        return self.model.model.process_latent_in(self.vae.encode(pixels).float()).to(self.device)
+        with frozen_pass():
+            return self.model.model.process_latent_in(self.vae.encode(pixels).float()).to(self.device)
 
     def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
         return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
@@ -104,6 +107,12 @@ class ComfyTrainingBackend:
         return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
 
     def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
+        if not torch.is_grad_enabled():  # the reference pass: the host's own fast path
+            with frozen_pass():
+                return self._predict_noise(z0, eps, t, context_k, context_v, capture, pooled)
+        return self._predict_noise(z0, eps, t, context_k, context_v, capture, pooled)
+
+    def _predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
         ms = self.model_sampling
         sigma = ms.sigma(t.to(ms.sigmas.device)).to(self.device)
         z0, eps = z0.to(self.device), eps.to(self.device)

@@ -26,9 +26,9 @@ def _scaled_tokens(clip, ident: Identity) -> dict[str, dict[str, torch.Tensor]]:
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
     """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt).
 
-    Each of the 2·S variants is encoded exactly as CLIPTextEncode would encode it. The nominal context (what the
-    CONDITIONING carries, and what a model without our patch would see) and the pooled output both
-    come from the K path of the middle stage.
+    The nominal context (what the CONDITIONING carries, and what a model without our patch would see) is
+    encoded exactly as CLIPTextEncode would encode it; it and the pooled output both come from the K path of
+    the middle stage. The other variants are encoded in one batch.
     """
     if not identities:
         raise SeFiError("Connect at least one identity.")
@@ -45,14 +45,26 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     # that the pooled output the encoder returns (first variant only) is the nominal one.
     order = [mid] + [j for j in range(2 * S) if j != mid]
     scaled = [_scaled_tokens(clip, ident) for ident in identities]
-    variants = []
-    for j in order:
-        table = "k" if j < S else "v"
-        s = j % S
-        rows = {p: {enc: tok[s] for enc, tok in tables[table].items()} for p, tables in zip(placeholders, scaled)}
-        variants.append(inject(marked, rows))
+    rows_of = {j: {p: {enc: tok[j % S] for enc, tok in tables["k" if j < S else "v"].items()}
+                   for p, tables in zip(placeholders, scaled)} for j in order}
+    variants = [inject(marked, rows_of[j]) for j in order]
+    # Distinct variants only (at strength 0 all are the plain prompt); the nominal one alone, as CLIPTextEncode
+    # encodes a prompt, and the rest in one batched call: two text-encoder calls instead of 2·S.
+    keys = [[t for p in placeholders for t in rows_of[j][p].values()] for j in order]
+    distinct: list[int] = []
+    source = []
+    for i, key in enumerate(keys):
+        same = next((d for d in distinct if all(torch.equal(a, b) for a, b in zip(keys[d], key))), None)
+        if same is None:
+            distinct.append(i)
+            same = i
+        source.append(distinct.index(same))
     with torch.no_grad():
-        encoded, pooled = encode_variants(clip, variants, batched=False)
+        nominal, pooled = encode_variants(clip, [variants[0]], batched=False)
+        encoded = [nominal]
+        if len(distinct) > 1:
+            encoded.append(encode_variants(clip, [variants[i] for i in distinct[1:]], batched=True)[0])
+        encoded = torch.cat(encoded)[torch.tensor(source)]
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
     return contexts[:S], contexts[S:], contexts[mid], pooled, marked

@@ -198,3 +198,23 @@ def test_divergence_stops_reports_the_step_and_keeps_the_last_good_state():
                        ({"attn_lambda": float("nan")}, "λ must be"), ({"scale_min": 2.0}, "scale_min")):
         with pytest.raises(SeFiError, match=match):
             train_identity(_ToyBackend(), torch.rand(1, 3, 64, 64), TrainSettings(resolution=64, **bad))
+
+
+def test_training_scope_lets_host_weight_moves_reach_the_real_weights():
+    """The host moves weights with `param.data = moved` (Module.to) and may do so inside our scope (CLIP
+    encode loads itself). The move must land on the real parameter, which stays an inference tensor;
+    on a GPU the alias used to take the move and the host's model stayed behind on the CPU."""
+    from sefi_ide.host.grad_scope import training_scope
+
+    with torch.inference_mode():
+        layer = torch.nn.Linear(3, 2)
+    before = layer.weight.detach().clone()
+    x = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    with training_scope():
+        layer.to(torch.float64)  # stands in for a device move: same code path (set_data)
+        layer(x).sum().backward()
+    assert layer.weight.dtype == torch.float64 and layer.weight.is_inference()
+    assert torch.equal(layer.weight.float(), before)
+    assert torch.allclose(x.grad, before.double().sum(0))
+    with torch.inference_mode():
+        assert layer(x.detach()).dtype == torch.float64

@@ -240,7 +240,7 @@ def tiny_sd1_controlnet(seed: int = 0):
     return comfy.controlnet.load_controlnet_state_dict(state)
 
 
-def random_family_models(family: str, unet_config: dict, seed: int = 0):
+def random_family_models(family: str, unet_config: dict, seed: int = 0, dtype: torch.dtype | None = None):
     """Full-size (or any-size) random-weight MODEL/CLIP/VAE of a family through ComfyUI's classes (benchmarks)."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -251,7 +251,7 @@ def random_family_models(family: str, unet_config: dict, seed: int = 0):
     import comfy.supported_models_base
 
     device = mm.get_torch_device()
-    dtype = mm.unet_dtype()
+    dtype = dtype or mm.unet_dtype()
     config = (comfy.supported_models.SD15 if family == "sd1" else comfy.supported_models.SDXL)(dict(unet_config))
     config.set_inference_dtype(dtype, None)
     base_model = config.get_model({})

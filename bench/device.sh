@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Run bench/run.py on a lent GPU machine (see bench/RESULTS.md). The host tree and the few wheels the
+# machine lacks travel in .host/ and .whl/ (both git-excluded; see the comment at the end).
+#   bash bench/device.sh "--family sd1" "--family sdxl --steps 10"
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site COMFYUI_PATH=$PWD/.host/comfyui PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+OUT=${OUT:-bench/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__)"
+for a in "$@"; do
+  echo "=== bench/run.py $a"
+  # shellcheck disable=SC2086
+  python3 bench/run.py $a 2>&1 | tee -a "$OUT/log.txt"
+done
+cp bench/RESULTS.md "$OUT/RESULTS.md"
+# Preparing the two folders (on the workstation, once):
+#   cp -r "$SEFI_CACHE/comfyui" .host/comfyui
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
+#     kornia==0.9.0 kornia_rs==0.2.0 torchsde==0.2.6 trampoline==0.1.2
