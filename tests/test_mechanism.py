@@ -188,6 +188,40 @@ def test_attention_loss_moves_identity_maps_toward_the_reference(models):
     assert d_guided < d_plain, (d_plain, d_guided)
 
 
+def test_reference_rows_in_the_target_batch_give_the_same_maps_and_noise(models):
+    """The speed option (reference rows in the target's UNet batch, SD1's default) changes how the maps are
+    computed, not what: one 2-row pass equals the reference pass and the target pass done apart."""
+    from sefi_ide.host.grad_scope import training_scope
+
+    _, reference, backend = _training_setup(models)
+    g = torch.Generator().manual_seed(0)
+    with training_scope(), torch.no_grad():
+        ref_ctx, ref_pooled = backend.reference_context()
+        z0 = backend.latents(reference)
+        eps, t = torch.randn(z0.shape, generator=g), torch.tensor([500])
+        rows = {e: (v + 0.05 * torch.randn(v.shape, generator=g)).expand(2, -1)
+                for e, v in backend.base_vectors().items()}
+        ctx, pooled = backend.target_contexts(rows)
+        eps_ref, maps_ref = backend.predict_noise(z0, eps, t, ref_ctx, ref_ctx, capture=True, pooled=ref_pooled)
+        eps_tgt, maps_tgt = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
+        both = None if pooled is None else torch.cat([ref_pooled.to(pooled), pooled])
+        eps_all, maps_all = backend.predict_noise(torch.cat([z0, z0]), torch.cat([eps, eps]), torch.cat([t, t]),
+                                                  torch.cat([ref_ctx, ctx[:1]]), torch.cat([ref_ctx, ctx[1:]]),
+                                                  capture=True, pooled=both)
+    assert not torch.allclose(eps_ref, eps_tgt, atol=1e-4)  # the two halves really differ
+    assert torch.allclose(eps_all, torch.cat([eps_ref, eps_tgt]), atol=1e-5)
+    for joint, ref, tgt in zip(maps_all, maps_ref, maps_tgt, strict=True):
+        assert torch.allclose(joint, torch.cat([ref, tgt]), atol=1e-5)
+
+
+def test_training_with_the_reference_in_the_target_batch_takes_the_same_steps(sd1):
+    fused, _, _ = _train(sd1, steps=3, attn_lambda=1000.0, seed=0, reference_in_batch=True)
+    separate, _, _ = _train(sd1, steps=3, attn_lambda=1000.0, seed=0, reference_in_batch=False)
+    assert fused.history[-1]["attn"] > 0
+    for a, b in zip(fused.history, separate.history, strict=True):
+        assert abs(a["attn"] - b["attn"]) <= 1e-4 * b["attn"] + 1e-12 and abs(a["ldm"] - b["ldm"]) <= 1e-4 * b["ldm"]
+
+
 def test_heatmap_node_gives_one_overlay_per_stage(models):
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 
