@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -88,6 +89,21 @@ def test_the_pack_ships_the_workflows_a_newcomer_needs():
     assert {"sefi_1_learn_sd1", "sefi_2_generate_sd1", "sefi_3_learn_sdxl", "sefi_4_generate_sdxl",
             "sefi_5_two_identities", "sefi_6_learn_and_generate"} <= names
     assert {p.stem for p in API_DIR.glob("*.json")} == names
+
+
+def test_the_files_are_what_tools_make_workflows_writes():
+    """Both formats come from one description; a hand edit or a node change not regenerated shows up here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_workflows", PACK_ROOT / "tools" / "make_workflows.py")
+    maker = importlib.util.module_from_spec(spec)
+    sys.modules["make_workflows"] = maker  # its dataclasses look their module up
+    spec.loader.exec_module(maker)
+    graphs = maker.all_workflows(maker.node_specs())
+    assert set(graphs) == {p.stem for p in UI_FILES}
+    for name, graph in graphs.items():
+        assert json.loads((PACK_ROOT / "workflows" / f"{name}.json").read_text()) == graph.ui(), name
+        assert json.loads((API_DIR / f"{name}.json").read_text()) == graph.api(), name
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
