@@ -26,9 +26,8 @@ def _scaled_tokens(clip, ident: Identity) -> dict[str, dict[str, torch.Tensor]]:
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
     """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt).
 
-    The nominal context (what the CONDITIONING carries, and what a model without our patch would see) is
-    encoded exactly as CLIPTextEncode would encode it; it and the pooled output both come from the K path of
-    the middle stage. The other variants are encoded in one batch.
+    The nominal context (what the CONDITIONING carries, and what a model without our patch would see) and the
+    pooled output both come from the K path of the middle stage. All distinct variants are encoded in one batch.
     """
     if not identities:
         raise SeFiError("Connect at least one identity.")
@@ -48,8 +47,9 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     rows_of = {j: {p: {enc: tok[j % S] for enc, tok in tables["k" if j < S else "v"].items()}
                    for p, tables in zip(placeholders, scaled)} for j in order}
     variants = [inject(marked, rows_of[j]) for j in order]
-    # Distinct variants only (at strength 0 all are the plain prompt); the nominal one alone, as CLIPTextEncode
-    # encodes a prompt, and the rest in one batched call: two text-encoder calls instead of 2·S.
+    # Distinct variants only, in ONE text-encoder call (nominal first: the pooled output is the first row's).
+    # At strength 0 every variant is the plain prompt: one variant, encoded alone, exactly as CLIPTextEncode
+    # encodes it (a batched call may round differently).
     keys = [[t for p in placeholders for t in rows_of[j][p].values()] for j in order]
     distinct: list[int] = []
     source = []
@@ -60,11 +60,8 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
             same = i
         source.append(distinct.index(same))
     with torch.no_grad():
-        nominal, pooled = encode_variants(clip, [variants[0]], batched=False)
-        encoded = [nominal]
-        if len(distinct) > 1:
-            encoded.append(encode_variants(clip, [variants[i] for i in distinct[1:]], batched=True)[0])
-        encoded = torch.cat(encoded)[torch.tensor(source)]
+        encoded, pooled = encode_variants(clip, [variants[i] for i in distinct])
+        encoded = encoded[torch.tensor(source)]
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
     return contexts[:S], contexts[S:], contexts[mid], pooled, marked
