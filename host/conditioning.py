@@ -51,14 +51,14 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     # At strength 0 every variant is the plain prompt: one variant, encoded alone, exactly as CLIPTextEncode
     # encodes it (a batched call may round differently).
     keys = [[t for p in placeholders for t in rows_of[j][p].values()] for j in order]
-    distinct: list[int] = []
-    source = []
+    distinct: list[int] = []  # index into `variants` of each distinct variant
+    source = []  # per variant: its position in `distinct`
     for i, key in enumerate(keys):
-        same = next((d for d in distinct if all(torch.equal(a, b) for a, b in zip(keys[d], key))), None)
+        same = next((n for n, d in enumerate(distinct) if all(map(torch.equal, keys[d], key))), None)
         if same is None:
             distinct.append(i)
-            same = i
-        source.append(distinct.index(same))
+            same = len(distinct) - 1
+        source.append(same)
     with torch.no_grad():
         encoded, pooled = encode_variants(clip, [variants[i] for i in distinct])
         encoded = encoded[torch.tensor(source)]

@@ -20,12 +20,17 @@ def _is_inference(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_inference()
 
 
+def _storage_view(x: torch.Tensor) -> torch.Tensor:
+    """A zero-copy tensor over `x`'s storage; an inference tensor iff created under inference mode."""
+    return torch.empty(0, dtype=x.dtype, device=x.device).set_(x.untyped_storage(), x.storage_offset(), x.size(),
+                                                               x.stride())
+
+
 def _as_inference(x):
     """A zero-copy inference-tensor view of `x`'s storage (call under inference mode)."""
     if not isinstance(x, torch.Tensor) or x.is_inference():
         return x
-    out = torch.empty(0, dtype=x.dtype, device=x.device)
-    return out.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
+    return _storage_view(x)
 
 
 class _AliasInferenceTensors(TorchFunctionMode):
@@ -41,8 +46,7 @@ class _AliasInferenceTensors(TorchFunctionMode):
         # a hit is stale once the host has moved the tensor (device load/offload outside this mode's view)
         if hit is not None and hit[0] is x and hit[1].data_ptr() == x.data_ptr() and hit[1].device == x.device:
             return hit[1]
-        alias = torch.empty(0, dtype=x.dtype, device=x.device)
-        alias.set_(x.untyped_storage(), x.storage_offset(), x.size(), x.stride())
+        alias = _storage_view(x)
         self._aliases[id(x)] = (x, alias)
         return alias
 

@@ -157,19 +157,12 @@ def _clone_saved_activations(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if (t.requires_grad and t.grad_fn is not None) else t
 
 
-def encode_variants(clip, variants: list[dict], batched: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode several token dicts of equal length; contexts (V, T, D) and the pooled output of the first.
-
-    batched: one text-encoder call for all variants (training: fastest). Otherwise one call per variant,
-    exactly as CLIPTextEncode encodes a prompt, so results match the host's bit for bit (a batched
-    kernel may round differently). Differentiable w.r.t. injected vectors when gradients are enabled.
+def encode_variants(clip, variants: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode several token dicts of equal length in one text-encoder call; contexts (V, T, D) and the pooled
+    output of the first. One variant is encoded exactly as CLIPTextEncode encodes a prompt. Differentiable
+    w.r.t. injected vectors when gradients are enabled.
     """
-    groups = [variants] if batched else [[v] for v in variants]
-    contexts, first_pooled = [], None
+    merged = {key: [chunk for v in variants for chunk in v[key]] for key in variants[0]}
     with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
-        for group in groups:
-            merged = {key: [chunk for v in group for chunk in v[key]] for key in group[0]}
-            cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
-            contexts.append(cond.reshape(len(group), -1, cond.shape[-1]))
-            first_pooled = pooled if first_pooled is None else first_pooled
-    return torch.cat(contexts), first_pooled
+        cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
+    return cond.reshape(len(variants), -1, cond.shape[-1]), pooled
