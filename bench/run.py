@@ -122,9 +122,10 @@ def main() -> None:
     device_name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     dtypes = {"host": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     model, clip, vae = build(args.family, args.arch, dtypes[args.unet_dtype])
-    settings = TrainSettings(steps=args.steps + (4 if args.profile else 2), resolution=args.resolution,
-                             layers=args.layers,
-                             reference_in_batch={"auto": None, "on": True, "off": False}[args.reference_in_batch]).with_family_resolution(args.family)
+    warmup = 4 if args.profile else 2  # unmeasured steps; profiled steps (3-4) are slower
+    in_batch = {"auto": None, "on": True, "off": False}[args.reference_in_batch]
+    settings = TrainSettings(steps=args.steps + warmup, resolution=args.resolution, layers=args.layers,
+                             reference_in_batch=in_batch).with_family_resolution(args.family)
     R = settings.resolution
     image = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(0))
 
@@ -135,8 +136,6 @@ def main() -> None:
     last = [time.perf_counter()]
 
     profiler = torch.profiler.profile() if args.profile else None
-
-    warmup = 4 if profiler is not None else 2  # profiled steps (3-4) are slower: not measured
 
     def on_step(step, steps, record):
         if step == 2 and profiler is not None:
@@ -161,7 +160,7 @@ def main() -> None:
             print(profiler.key_averages().table(sort_by=key, row_limit=14))
     measured = step_times[warmup:]
     per_step = sum(measured) / len(measured)
-    phases = {k: (v - warm[k]) / len(measured) for k, v in backend.times.items()}  # after the 2 warm-up steps
+    phases = {k: (v - warm[k]) / len(measured) for k, v in backend.times.items()}  # after the warm-up steps
     phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
     resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
