@@ -4,6 +4,11 @@ sampling-time ratio with vs without identity tokens, measured in one run on what
     python bench/run.py --family sd1 --arch full          # SD1.4-architecture, random weights, 512 px
     python bench/run.py --family sdxl --arch full         # SDXL-architecture, random weights, 1024 px
     python bench/run.py --family sd1 --arch tiny --steps 5 --resolution 64   # the test models (CPU smoke run)
+    python bench/run.py --family sd1 --arch narrow --resolution 64          # host overhead, see below
+
+`--arch narrow` keeps the full architecture's depth (every block, layer and op of SD1.4 / SDXL) at a tiny
+width (UNet channels 32 / 64): each op costs almost nothing, so its step time is the per-op host cost
+(Python, dispatch, kernel launches) that bounds training on a fast GPU, measurable on any CPU.
 
 Speed and memory do not depend on the weights' values, so full-size architectures use random weights
 built through ComfyUI's own classes. Prints a table and appends a dated row to bench/RESULTS.md.
@@ -41,6 +46,9 @@ FULL_SDXL_UNET = {
 }
 
 
+NARROW_WIDTH = {"sd1": 32, "sdxl": 64}  # model_channels of --arch narrow (GroupNorm needs multiples of 32)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -59,8 +67,10 @@ def build(family: str, arch: str, dtype: torch.dtype | None = None):
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_models.tiny_sd1_checkpoint()),
                                                                         output_vae=True, output_clip=True)
             return model, clip, vae
-        return tiny_models.random_family_models(family, FULL_SD1_UNET if family == "sd1" else FULL_SDXL_UNET,
-                                                dtype=dtype)
+        config = dict(FULL_SD1_UNET if family == "sd1" else FULL_SDXL_UNET)
+        if arch == "narrow":
+            config["model_channels"] = NARROW_WIDTH[family]
+        return tiny_models.random_family_models(family, config, dtype=dtype)
 
 
 class TimedBackend:
@@ -95,7 +105,7 @@ class TimedBackend:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
-    ap.add_argument("--arch", choices=["tiny", "full"], default="full")
+    ap.add_argument("--arch", choices=["tiny", "narrow", "full"], default="full")
     ap.add_argument("--steps", type=int, default=20, help="training steps measured (after 2 warm-up steps)")
     ap.add_argument("--resolution", type=int, default=0, help="0 = native (512 SD1, 1024 SDXL)")
     ap.add_argument("--sample-steps", type=int, default=30)
@@ -108,8 +118,7 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
-    harness.register_pack_namespace()
-    harness.import_comfy_in_process() if not torch.cuda.is_available() else _gpu_host()
+    prepare_host()
     import comfy.model_management as mm
     import comfy.sample
     from sefi_ide.core.settings import DEFAULT_STEPS, TrainSettings
@@ -119,7 +128,6 @@ def main() -> None:
     from sefi_ide.host.grad_scope import training_scope
 
     device = mm.get_torch_device()
-    device_name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     dtypes = {"host": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     model, clip, vae = build(args.family, args.arch, dtypes[args.unet_dtype])
     warmup = 4 if args.profile else 2  # unmeasured steps; profiled steps (3-4) are slower
@@ -199,7 +207,7 @@ def main() -> None:
 
     unet = model.model.diffusion_model
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    rows = [("device", device_name), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
+    rows = [("device", device_name()), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
             ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
             ("reference pass in target batch", args.reference_in_batch)]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
@@ -213,17 +221,26 @@ def main() -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     if not args.no_record:
-        line = (f"| {datetime.date.today()} | {device_name} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
+        line = (f"| {datetime.date.today()} | {device_name()} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
                 f"{per_step * DEFAULT_STEPS:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
                 f"{(ratio - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
         with open(ROOT / "bench" / "RESULTS.md", "a") as f:
             f.write(line)
 
 
-def _gpu_host() -> None:
+def prepare_host() -> None:
+    """The pack importable as `sefi_ide` and ComfyUI importable (on a GPU machine: the carried tree as is)."""
+    harness.register_pack_namespace()
+    if not torch.cuda.is_available():
+        harness.import_comfy_in_process()
+        return
     host = harness.find_comfyui()
     if str(host) not in sys.path:
         sys.path.insert(0, str(host))
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

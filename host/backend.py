@@ -10,7 +10,7 @@ from ..attention_patch.per_stage_kv import FixedKVPatch
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_ENCODERS
 from ..core.settings import TrainSettings
-from .grad_scope import frozen_pass
+from .grad_scope import frozen_pass, grad_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
 
@@ -38,12 +38,10 @@ class ComfyTrainingBackend:
         self.vae = vae
         self.settings = settings
         self.encoders = FAMILY_ENCODERS[self.family]
-        self.model_sampling = model.get_model_object("model_sampling")
-        if not isinstance(self.model_sampling, comfy.model_sampling.EPS):
+        if not isinstance(model.get_model_object("model_sampling"), comfy.model_sampling.EPS):
             raise SeFiError("This checkpoint is not an ε-prediction model (v-prediction or flow). SeFi-IDE learns on "
                             "ε-prediction SD1.x / SDXL checkpoints.")
-        self.layers = select_layers(cross_attention_layers(model.model.diffusion_model), settings.layers)
-        self.capture = AttentionCapture(self.layers)
+        layers = select_layers(cross_attention_layers(model.model.diffusion_model), settings.layers)
 
         # prompt checks first: they are cheap and fail before any model is moved to the device
         placeholder = check_placeholder(settings.placeholder)
@@ -68,6 +66,7 @@ class ComfyTrainingBackend:
         self._ref_tokens = ref_tokens
         comfy.model_management.load_models_gpu([model])
         self.device = model.load_device
+        self.unet = UNetPass(model, layers)
 
     # --- text -------------------------------------------------------------------------------
     def base_vectors(self) -> dict[str, torch.Tensor]:
@@ -97,6 +96,19 @@ class ComfyTrainingBackend:
         return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
 
     # --- UNet -------------------------------------------------------------------------------
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
+        return self.unet(z0, eps, t, context_k, context_v, capture, pooled)
+
+
+class UNetPass:
+    """ε_θ(z_t, t) through the host's UNet with fixed K/V contexts, optionally capturing the loss layers' maps."""
+
+    def __init__(self, model, layers: list):
+        self.model = model
+        self.model_sampling = model.get_model_object("model_sampling")
+        self.capture = AttentionCapture(layers)
+        self.device = model.load_device
+
     def _adm(self, pooled: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
         """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None."""
         if pooled is None:
@@ -106,13 +118,13 @@ class ComfyTrainingBackend:
                                           target_height=h, crop_w=0, crop_h=0)
         return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
 
-    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
+    def __call__(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
         if not torch.is_grad_enabled():  # the reference pass: the host's own fast path
             with frozen_pass():
-                return self._predict_noise(z0, eps, t, context_k, context_v, capture, pooled)
-        return self._predict_noise(z0, eps, t, context_k, context_v, capture, pooled)
+                return self._run(z0, eps, t, context_k, context_v, capture, pooled)
+        return self._run(z0, eps, t, context_k, context_v, capture, pooled)
 
-    def _predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
+    def _run(self, z0, eps, t, context_k, context_v, capture: bool, pooled):
         ms = self.model_sampling
         sigma = ms.sigma(t.to(ms.sigmas.device)).to(self.device)
         z0, eps = z0.to(self.device), eps.to(self.device)
@@ -120,11 +132,15 @@ class ComfyTrainingBackend:
         opts = _merge_transformer_options(self.model.model_options.get("transformer_options", {}),
                                           FixedKVPatch(context_k, context_v),
                                           self.capture.replace_patches() if capture else {})
-        self.capture.take()
         extra = {}
         adm = self._adm(pooled, z0)
         if adm is not None:
             extra["y"] = adm
-        denoised = self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts, **extra)
+
+        def unet():
+            self.capture.take()
+            return self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts, **extra)
+
+        denoised = grad_pass(self.model.model, unet) if torch.is_grad_enabled() else unet()
         eps_pred = (x - denoised) / sigma.view(-1, 1, 1, 1)  # ε_θ from the host's x0 output (ε-prediction)
         return eps_pred, self.capture.take()

@@ -9,11 +9,16 @@ neither copied nor modified.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _is_inference(x) -> bool:
@@ -37,7 +42,9 @@ class _AliasInferenceTensors(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._aliases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.suspended = 0  # > 0 inside frozen_pass(): the host runs as it always does
+        self._slots: dict[int, tuple[torch.nn.Module, list[dict]]] = {}  # module id -> its param/buffer tables
+        self.suspended = 0  # > 0 while lifted (frozen_pass, weights_aliased): no per-call aliasing
+        self.per_call: set[int] = set()  # ids of modules whose gradient passes keep per-call aliasing
 
     def _alias(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_inference():
@@ -73,6 +80,15 @@ class _AliasInferenceTensors(TorchFunctionMode):
         return func(*args, **{k: self._alias_arg(v) for k, v in kwargs.items()} if kwargs else {})
 
 
+    def tables(self, module: torch.nn.Module) -> list[dict]:
+        """Every parameter and buffer table of `module`'s tree (walked once per module and scope)."""
+        hit = self._slots.get(id(module))
+        if hit is None or hit[0] is not module:
+            hit = (module, [t for m in module.modules() for t in (m._parameters, m._buffers) if t])
+            self._slots[id(module)] = hit
+        return hit[1]
+
+
 _ACTIVE: list[_AliasInferenceTensors] = []
 
 
@@ -88,16 +104,104 @@ def training_scope() -> Iterator[None]:
             _ACTIVE.remove(mode)
 
 
+def _is_plain_inference(x) -> bool:
+    return type(x) in (torch.Tensor, torch.nn.Parameter) and x.is_inference()
+
+
+@contextlib.contextmanager
+def weights_aliased(module: torch.nn.Module) -> Iterator[None]:
+    """A gradient pass through `module` (the UNet) without training_scope's per-call cost.
+
+    A UNet pass makes thousands of torch calls and the mode runs a Python hook on each (bench/overhead.py).
+    Here the module's inference parameters and buffers are swapped, for the duration, for the same zero-copy
+    aliases the mode would hand out, and the mode is lifted off torch's stack.
+    The swap is undone on exit, also on error. The host runs its models from this (single) worker thread, so
+    nothing but this pass sees the aliases; should the host move a weight meanwhile (`param.data = moved` when
+    it loads or offloads), the real tensor is moved the same way on exit and stays an inference tensor.
+    An inference tensor the swap cannot reach fails with autograd's "cannot be saved" error (see `grad_pass`).
+    """
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    if mode is None or mode.suspended:
+        yield
+        return
+    swapped: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
+    with _lifted(mode):  # first: while active, the mode would answer is_inference() for an alias
+        try:
+            for table in mode.tables(module):
+                for name, real in table.items():
+                    if _is_plain_inference(real):
+                        alias = mode._alias(real)
+                        table[name] = alias
+                        swapped.append((table, name, real, alias))
+            yield
+        finally:
+            for table, name, real, alias in swapped:
+                if table[name] is not alias:
+                    continue  # the host put a new tensor there (e.g. a weight patch): it stands
+                if alias.data_ptr() != real.data_ptr() or alias.device != real.device or alias.dtype != real.dtype:
+                    with torch.inference_mode():  # the host moved the alias (`.data = moved`): move the real one
+                        real.data = _as_inference(alias)
+                table[name] = real
+
+
+def _is_inference_save_error(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and "Inference tensors cannot be saved for backward" in str(exc)
+
+
+def grad_pass(module: torch.nn.Module, fn: Callable[[], T]) -> T:
+    """`fn()`, a gradient pass through the host's `module`, with its weights swapped (`weights_aliased`).
+
+    If the pass meets an inference tensor the swap cannot reach (one held by another pack's patch), autograd
+    refuses it before anything is computed for backward; the pass then runs again with per-call aliasing,
+    as do this module's later passes in the scope: correct, slower, and logged once.
+    """
+    mode = _ACTIVE[-1] if _ACTIVE else None
+    if mode is None or mode.suspended or id(module) in mode.per_call:
+        return fn()
+    try:
+        with weights_aliased(module):
+            return fn()
+    except RuntimeError as exc:
+        if not _is_inference_save_error(exc):
+            raise
+    log.warning("SeFi-IDE: a patch on this %s holds inference tensors; training continues with per-call "
+                "aliasing (correct, but slower per step).", type(module).__name__)
+    mode.per_call.add(id(module))
+    return fn()
+
+
+@contextlib.contextmanager
+def per_call_aliasing(module: torch.nn.Module) -> Iterator[None]:
+    """Gradient passes through `module` alias every torch call, as before `weights_aliased` (benchmarks)."""
+    mode = _ACTIVE[-1]
+    added = id(module) not in mode.per_call
+    mode.per_call.add(id(module))
+    try:
+        yield
+    finally:
+        if added:
+            mode.per_call.discard(id(module))
+
+
 @contextlib.contextmanager
 def frozen_pass() -> Iterator[None]:
     """A pass that needs no gradient (reference maps, VAE latents, reference text): run it exactly as the
     host runs its own passes, in inference mode and without the per-call aliasing of training_scope."""
     mode = _ACTIVE[-1] if _ACTIVE else None
-    if mode is not None:
-        mode.suspended += 1
+    with _lifted(mode) if mode is not None else contextlib.nullcontext(), torch.inference_mode():
+        yield
+
+
+@contextlib.contextmanager
+def _lifted(mode: _AliasInferenceTensors) -> Iterator[None]:
+    """The mode out of the way for a pass: off torch's function-mode stack when it is on top (then no torch
+    call pays for a Python hook; suspending alone still costs one per call), else only suspended."""
+    mode.suspended += 1
     try:
-        with torch.inference_mode():
+        if torch.overrides._get_current_function_mode() is mode:
+            with torch.overrides._pop_mode_temporarily():
+                yield
+        else:
             yield
     finally:
-        if mode is not None:
-            mode.suspended -= 1
+        mode.suspended -= 1

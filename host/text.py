@@ -15,6 +15,7 @@ import torch
 
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_NAMES
+from .grad_scope import grad_pass
 
 ENCODER_OF_KEY = {"l": "clip_l", "g": "clip_g"}
 KEY_OF_ENCODER = {v: k for k, v in ENCODER_OF_KEY.items()}
@@ -163,6 +164,11 @@ def encode_variants(clip, variants: list[dict]) -> tuple[torch.Tensor, torch.Ten
     w.r.t. injected vectors when gradients are enabled.
     """
     merged = {key: [chunk for v in variants for chunk in v[key]] for key in variants[0]}
-    with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
+    if not torch.is_grad_enabled():
         cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
+    else:
+        clip.load_model()  # before the swap: loading moves weights, and the encode below finds them in place
+        with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
+            cond, pooled = grad_pass(clip.cond_stage_model,
+                                     lambda: clip.encode_from_tokens(merged, return_pooled=True))
     return cond.reshape(len(variants), -1, cond.shape[-1]), pooled

@@ -218,3 +218,102 @@ def test_training_scope_lets_host_weight_moves_reach_the_real_weights():
     assert torch.allclose(x.grad, before.double().sum(0))
     with torch.inference_mode():
         assert layer(x.detach()).dtype == torch.float64
+
+
+def _inference_mlp() -> torch.nn.Module:
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+
+
+def _ordinary_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The same network with ordinary (non-inference) weights: the gradients to expect."""
+    with torch.inference_mode(False):
+        copy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        copy.load_state_dict({k: v.clone() for k, v in module.state_dict().items()})
+    return copy.requires_grad_(False)
+
+
+def test_grad_pass_runs_on_swapped_aliases_without_the_per_call_hook_and_restores_the_weights():
+    """The fast gradient pass: inside it the host's weights are ordinary zero-copy aliases and training_scope's
+    mode is off torch's stack (no Python hook per call); after it, the very same inference parameters."""
+    from sefi_ide.host.grad_scope import grad_pass, training_scope
+
+    mlp = _inference_mlp()
+    originals = {n: p for n, p in mlp.named_parameters()}
+    values = {n: p.detach().clone() for n, p in originals.items()}
+    seen = {}
+
+    def pass_():
+        seen["mode"] = torch.overrides._get_current_function_mode()
+        seen["weights"] = {n: (p.is_inference(), p.data_ptr()) for n, p in mlp.named_parameters()}
+        return mlp(x)
+
+    x = torch.randn(5, 3, requires_grad=True)
+    with training_scope():
+        grad_pass(mlp, pass_).square().sum().backward()
+        assert torch.overrides._get_current_function_mode() is not None  # the scope's mode is back
+    assert seen["mode"] is None
+    assert seen["weights"] == {n: (False, p.data_ptr()) for n, p in originals.items()}  # aliases, same storage
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for n, p in mlp.named_parameters():
+        assert p is originals[n] and p.is_inference() and torch.equal(p, values[n])
+    assert torch.allclose(x.grad, torch.autograd.grad(_ordinary_copy(mlp)(x).square().sum(), x)[0])
+
+
+def test_grad_pass_moves_the_real_weights_when_the_host_moves_them_inside_the_pass():
+    """A host load/offload inside the pass lands on the aliases; on exit the real parameters follow."""
+    from sefi_ide.host.grad_scope import grad_pass, training_scope
+
+    mlp = _inference_mlp()
+    weight = mlp[0].weight
+    before = weight.detach().clone()
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    with training_scope():
+        out = grad_pass(mlp, lambda: (mlp.to(torch.float64), mlp(x))[1])  # stands in for a device move
+        out.sum().backward()
+    assert mlp[0].weight is weight and weight.dtype == torch.float64 and weight.is_inference()
+    assert torch.equal(weight.float(), before) and x.grad is not None
+    with torch.inference_mode():
+        assert mlp(x.detach()).dtype == torch.float64
+
+
+def test_grad_pass_falls_back_to_per_call_aliasing_for_an_unreachable_inference_tensor(caplog):
+    """Another pack's patch may hold an inference tensor the swap cannot reach: autograd refuses it at once,
+    the pass re-runs under per-call aliasing (same result), is logged, and that module stays per-call."""
+    from sefi_ide.host.grad_scope import _ACTIVE, grad_pass, training_scope
+
+    mlp = _inference_mlp()
+    with torch.inference_mode():
+        patch_scale = torch.full((2,), 3.0)  # held outside the module, made under inference mode
+    x = torch.randn(4, 3, requires_grad=True)
+    calls = []
+
+    def pass_():
+        calls.append(torch.overrides._get_current_function_mode())
+        return mlp(x) * patch_scale * mlp(x)  # saving patch_scale for backward needs an ordinary tensor
+
+    with training_scope():
+        out = grad_pass(mlp, pass_)
+        out.sum().backward()
+        assert id(mlp) in _ACTIVE[-1].per_call
+        grad_pass(mlp, pass_)
+    assert calls[0] is None and calls[1] is not None and calls[2] is not None  # swapped, then per-call twice
+    assert "holds inference tensors" in caplog.text
+    assert all(p.is_inference() for p in mlp.parameters())
+    plain = _ordinary_copy(mlp)
+    assert torch.allclose(x.grad, torch.autograd.grad((plain(x) * 3.0 * plain(x)).sum(), x)[0])
+
+
+def test_grad_pass_restores_the_weights_when_the_pass_fails():
+    from sefi_ide.host.grad_scope import grad_pass, training_scope
+
+    mlp = _inference_mlp()
+    originals = list(mlp.parameters())
+
+    def failing():
+        raise ValueError("boom")
+
+    with training_scope(), pytest.raises(ValueError, match="boom"):
+        grad_pass(mlp, failing)
+    assert all(a is b and a.is_inference() for a, b in zip(mlp.parameters(), originals))

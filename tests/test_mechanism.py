@@ -222,6 +222,36 @@ def test_training_with_the_reference_in_the_target_batch_takes_the_same_steps(sd
         assert abs(a["attn"] - b["attn"]) <= 1e-4 * b["attn"] + 1e-12 and abs(a["ldm"] - b["ldm"]) <= 1e-4 * b["ldm"]
 
 
+def test_training_passes_run_on_swapped_weights_and_take_the_same_steps_as_per_call_aliasing(models, caplog):
+    """The fast gradient pass (the host's weights swapped for aliases, training_scope's per-call hook off the
+    stack) is what runs inside the real UNet, reaches every weight of the real UNet and CLIP (no fallback), and
+    trains exactly as aliasing every torch call does."""
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.grad_scope import per_call_aliasing, training_scope
+
+    model, clip, vae = models
+    modes_in_grad_pass = []
+
+    def probe(n, context_attn2, value_attn2, extra_options):
+        if torch.is_grad_enabled():
+            modes_in_grad_pass.append(torch.overrides._get_current_function_mode())
+        return n, context_attn2, value_attn2
+
+    probed = model.clone()
+    probed.set_model_attn2_patch(probe)
+    fast, _, _ = _train((probed, clip, vae), steps=3, attn_lambda=1000.0, seed=0)
+    assert modes_in_grad_pass and all(mode is None for mode in modes_in_grad_pass)
+    assert "holds inference tensors" not in caplog.text
+
+    settings, reference, backend = _training_setup(models, steps=3, attn_lambda=1000.0, seed=0)
+    with training_scope(), per_call_aliasing(model.model), per_call_aliasing(clip.cond_stage_model):
+        slow = train_identity(backend, reference, settings)
+    assert [(r["ldm"], r["attn"]) for r in fast.history] == [(r["ldm"], r["attn"]) for r in slow.history]
+    for enc in fast.identity.k:
+        assert torch.equal(fast.identity.k[enc], slow.identity.k[enc])
+        assert torch.equal(fast.identity.v[enc], slow.identity.v[enc])
+
+
 def test_heatmap_node_gives_one_overlay_per_stage(models):
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 

@@ -240,23 +240,28 @@ def tiny_sd1_controlnet(seed: int = 0):
     return comfy.controlnet.load_controlnet_state_dict(state)
 
 
-def random_family_models(family: str, unet_config: dict, seed: int = 0, dtype: torch.dtype | None = None):
-    """Full-size (or any-size) random-weight MODEL/CLIP/VAE of a family through ComfyUI's classes (benchmarks)."""
+def random_unet_model(family: str, unet_config: dict, seed: int = 0, dtype: torch.dtype | None = None):
+    """A random-weight MODEL (ModelPatcher) of a family, any size, through ComfyUI's classes (benchmarks)."""
     import comfy.model_management as mm
     import comfy.model_patcher
+    import comfy.supported_models
+
+    config = (comfy.supported_models.SD15 if family == "sd1" else comfy.supported_models.SDXL)(dict(unet_config))
+    config.set_inference_dtype(dtype or mm.unet_dtype(), None)
+    base_model = config.get_model({})
+    _fill_module(base_model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def random_family_models(family: str, unet_config: dict, seed: int = 0, dtype: torch.dtype | None = None):
+    """Full-size (or any-size) random-weight MODEL/CLIP/VAE of a family through ComfyUI's classes (benchmarks)."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
-    import comfy.supported_models
     import comfy.supported_models_base
 
-    device = mm.get_torch_device()
-    dtype = dtype or mm.unet_dtype()
-    config = (comfy.supported_models.SD15 if family == "sd1" else comfy.supported_models.SDXL)(dict(unet_config))
-    config.set_inference_dtype(dtype, None)
-    base_model = config.get_model({})
-    _fill_module(base_model.diffusion_model, seed)
-    model = comfy.model_patcher.ModelPatcher(base_model, load_device=device, offload_device=mm.unet_offload_device())
+    model = random_unet_model(family, unet_config, seed, dtype)
     clip_cls = comfy.sd1_clip.SD1ClipModel if family == "sd1" else comfy.sdxl_clip.SDXLClipModel
     tok_cls = comfy.sd1_clip.SD1Tokenizer if family == "sd1" else comfy.sdxl_clip.SDXLTokenizer
     clip = comfy.sd.CLIP(target=comfy.supported_models_base.ClipTarget(tok_cls, clip_cls))
