@@ -1,6 +1,9 @@
 """Differentiable capture of cross-attention probabilities softmax(QKᵀ/√d) at chosen layers."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .layers import CrossAttnLayer
@@ -27,7 +30,8 @@ class AttentionCapture:
 
         qh, kh, vh = split(q).float(), split(k).float(), split(v).float()
         probs = torch.softmax(qh @ kh.transpose(1, 2) * d ** -0.5, dim=-1)
-        self.maps.append(probs)
+        if not _replaying:
+            self.maps.append(probs)
         out = (probs @ vh).to(q.dtype)
         return out.reshape(b, heads, n, d).transpose(1, 2).reshape(b, n, inner)
 
@@ -37,3 +41,19 @@ class AttentionCapture:
     def take(self) -> list[torch.Tensor]:
         maps, self.maps = self.maps, []
         return maps
+
+
+_replaying = 0  # > 0 while gradient checkpointing recomputes a block: its maps were recorded the first time
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    """Attention computed again for backward (gradient checkpointing) is not recorded a second time.
+
+    A plain counter, not a context variable: on a GPU the recompute runs in autograd's device thread."""
+    global _replaying
+    _replaying += 1
+    try:
+        yield
+    finally:
+        _replaying -= 1

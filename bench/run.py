@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -103,6 +104,10 @@ class TimedBackend:
 
 
 def main() -> None:
+    if not torch.cuda.is_available() and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # CPU peak memory is read from the resident set; glibc would keep freed blocks resident and reuse
+        # them unseen, so large blocks are mapped and unmapped one by one (set before the process starts)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
     ap.add_argument("--arch", choices=["tiny", "narrow", "full"], default="full")
@@ -114,6 +119,8 @@ def main() -> None:
                     help="weights' dtype of the full-size UNet (host = what ComfyUI picks on this device)")
     ap.add_argument("--reference-in-batch", choices=["auto", "on", "off"], default="auto",
                     help="reference pass in the target's UNet batch (TrainSettings.reference_in_batch)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="recompute UNet blocks in backward (TrainSettings.gradient_checkpointing)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
@@ -133,12 +140,12 @@ def main() -> None:
     warmup = 4 if args.profile else 2  # unmeasured steps; profiled steps (3-4) are slower
     in_batch = {"auto": None, "on": True, "off": False}[args.reference_in_batch]
     settings = TrainSettings(steps=args.steps + warmup, resolution=args.resolution, layers=args.layers,
-                             reference_in_batch=in_batch).with_family_resolution(args.family)
+                             reference_in_batch=in_batch,
+                             gradient_checkpointing=args.gradient_checkpointing).with_family_resolution(args.family)
     R = settings.resolution
     image = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(0))
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    rss_at_start = reset_peak_memory()
     step_times: list[float] = []
     warm: dict[str, float] = {}
     last = [time.perf_counter()]
@@ -170,7 +177,7 @@ def main() -> None:
     per_step = sum(measured) / len(measured)
     phases = {k: (v - warm[k]) / len(measured) for k, v in backend.times.items()}  # after the warm-up steps
     phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
+    peak = peak_memory(rss_at_start)
     resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
 
     text = "a photo of <id> holding a basketball, eyes closed"
@@ -209,11 +216,13 @@ def main() -> None:
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     rows = [("device", device_name()), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
             ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
-            ("reference pass in target batch", args.reference_in_batch)]
+            ("reference pass in target batch", args.reference_in_batch),
+            ("gradient checkpointing", "on" if args.gradient_checkpointing else "off")]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
              (f"learning time at {DEFAULT_STEPS} steps", f"{per_step * DEFAULT_STEPS:.1f} s"),
-             ("peak GPU memory (training)", f"{peak:.2f} GiB"),
+             ("peak GPU memory (training)" if torch.cuda.is_available() else "peak host memory added by training",
+              f"{peak:.2f} GiB"),
              ("GPU memory held after training (weights)", f"{resident:.2f} GiB"),
              ("conditioning build (all stages, K and V)", f"{cond_ms:.1f} ms"),
              (f"sampling {args.sample_steps} steps: plain / identity", f"{t_plain:.2f} s / {t_id:.2f} s"),
@@ -237,6 +246,29 @@ def prepare_host() -> None:
     host = harness.find_comfyui()
     if str(host) not in sys.path:
         sys.path.insert(0, str(host))
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_memory() -> int:
+    """Start a peak-memory window: GPU allocator stats, or (CPU, Linux) the process's peak resident set."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return 0
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    return _rss_kib("VmRSS")
+
+
+def peak_memory(rss_at_start: int) -> float:
+    """GiB: peak GPU memory allocated, or (CPU) peak resident memory above the window's start."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return (_rss_kib("VmHWM") - rss_at_start) / 2**20
 
 
 def device_name() -> str:

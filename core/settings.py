@@ -36,6 +36,8 @@ class TrainSettings:
     # reference pass in the same UNet batch as the target pass: fewer launches, more activation memory.
     # None = by family: on for SD1, off for SDXL (keeps 1024 px training inside 20 GB)
     reference_in_batch: bool | None = None
+    # recompute each UNet block in backward instead of keeping its activations: less memory, more compute
+    gradient_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -1,6 +1,8 @@
 """The ComfyUI implementation of `core.training.TrainingBackend`: the host's own CLIP, UNet and VAE."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +12,7 @@ from ..attention_patch.per_stage_kv import FixedKVPatch
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_ENCODERS
 from ..core.settings import TrainSettings
+from .checkpointing import checkpointed
 from .grad_scope import frozen_pass, grad_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
@@ -66,7 +69,7 @@ class ComfyTrainingBackend:
         self._ref_tokens = ref_tokens
         comfy.model_management.load_models_gpu([model])
         self.device = model.load_device
-        self.unet = UNetPass(model, layers)
+        self.unet = UNetPass(model, layers, checkpointing=settings.gradient_checkpointing)
 
     # --- text -------------------------------------------------------------------------------
     def base_vectors(self) -> dict[str, torch.Tensor]:
@@ -103,8 +106,9 @@ class ComfyTrainingBackend:
 class UNetPass:
     """ε_θ(z_t, t) through the host's UNet with fixed K/V contexts, optionally capturing the loss layers' maps."""
 
-    def __init__(self, model, layers: list):
+    def __init__(self, model, layers: list, checkpointing: bool = False):
         self.model = model
+        self.checkpointing = checkpointing
         self.model_sampling = model.get_model_object("model_sampling")
         self.capture = AttentionCapture(layers)
         self.device = model.load_device
@@ -141,6 +145,10 @@ class UNetPass:
             self.capture.take()
             return self.model.model.apply_model(x, sigma, c_crossattn=context_k, transformer_options=opts, **extra)
 
-        denoised = grad_pass(self.model.model, unet) if torch.is_grad_enabled() else unet()
+        if not torch.is_grad_enabled():
+            denoised = unet()
+        else:
+            with checkpointed(self.model.model.diffusion_model) if self.checkpointing else contextlib.nullcontext():
+                denoised = grad_pass(self.model.model, unet)
         eps_pred = (x - denoised) / sigma.view(-1, 1, 1, 1)  # ε_θ from the host's x0 output (ε-prediction)
         return eps_pred, self.capture.take()

@@ -252,6 +252,47 @@ def test_training_passes_run_on_swapped_weights_and_take_the_same_steps_as_per_c
         assert torch.equal(fast.identity.v[enc], slow.identity.v[enc])
 
 
+def _bytes_saved_for_backward(models, checkpointing: bool) -> int:
+    """Bytes autograd keeps for backward from one training-step UNet pass (the tensors checkpointing drops)."""
+    from sefi_ide.host.grad_scope import training_scope
+
+    _, reference, backend = _training_setup(models, gradient_checkpointing=checkpointing)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with training_scope():
+        z0 = backend.latents(reference)
+        rows = {e: v.expand(2, -1).clone().requires_grad_(True) for e, v in backend.base_vectors().items()}
+        ctx, pooled = backend.target_contexts(rows)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            eps, maps = backend.predict_noise(z0, torch.randn(z0.shape), torch.tensor([500]), ctx[:1], ctx[1:],
+                                              capture=True, pooled=pooled)
+        (eps.square().mean() + sum(m.square().mean() for m in maps)).backward()
+        assert all(r.grad is not None and r.grad.abs().sum() > 0 for r in rows.values())
+        assert backend.unet.capture.take() == []  # a recomputed block does not record its maps twice
+    return sum(saved)
+
+
+def test_gradient_checkpointing_keeps_far_less_for_backward_and_trains_identically(models):
+    """The memory option recomputes each UNet block in backward: the tensors kept from the forward shrink, the
+    training steps and the learned tokens are bit-identical, and the host's UNet is left as it was."""
+    model = models[0]
+    assert _bytes_saved_for_backward(models, True) < 0.25 * _bytes_saved_for_backward(models, False)
+
+    plain, _, _ = _train(models, steps=3, attn_lambda=1000.0, seed=0)
+    light, _, _ = _train(models, steps=3, attn_lambda=1000.0, seed=0, gradient_checkpointing=True)
+    assert [(r["ldm"], r["attn"]) for r in plain.history] == [(r["ldm"], r["attn"]) for r in light.history]
+    for enc in plain.identity.k:
+        assert torch.equal(plain.identity.k[enc], light.identity.k[enc])
+        assert torch.equal(plain.identity.v[enc], light.identity.v[enc])
+    assert light.identity.training["gradient_checkpointing"] is True
+    assert not any("forward" in vars(m) for m in model.model.modules())
+    assert all(p.is_inference() for p in model.model.parameters())
+
+
 def test_heatmap_node_gives_one_overlay_per_stage(models):
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 

@@ -146,30 +146,31 @@ TINY_SDXL_UNET = {
 }
 
 
-def _tiny_text_config(name: str, layers: int, intermediate: int) -> str:
+def _text_config(name: str, **overrides) -> str:
+    """A copy of one of ComfyUI's text-encoder configs with `overrides` (e.g. fewer layers), as a file path."""
     import json
 
     import comfy.sd1_clip
 
     src = Path(comfy.sd1_clip.__file__).parent / name
     config = json.loads(src.read_text())
-    config.update(num_hidden_layers=layers, intermediate_size=intermediate)
-    path = cache_dir() / f"tiny-{name}"
+    config.update(overrides)
+    tag = "-".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+    path = cache_dir() / f"text-{tag}-{name}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config))
     return str(path)
 
 
-def _tiny_sdxl_clip_class():
+def _sdxl_clip_class(**overrides):
+    """ComfyUI's SDXL dual text encoder (CLIP-L + OpenCLIP-G) with both configs changed by `overrides`."""
     import comfy.sd1_clip
     import comfy.sdxl_clip
 
-    l_config = _tiny_text_config("sd1_clip_config.json", 3, 512)
-    g_config = _tiny_text_config("clip_config_bigg.json", 3, 512)
+    l_config = _text_config("sd1_clip_config.json", **overrides)
+    g_config = _text_config("clip_config_bigg.json", **overrides)
 
-    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
-        """ComfyUI's SDXL dual text encoder, with 3-layer CLIP-L (768) and OpenCLIP-G (1280)."""
-
+    class ConfiguredSDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006 (host signature)
             torch.nn.Module.__init__(self)
             self.clip_l = comfy.sd1_clip.SDClipModel(
@@ -181,7 +182,38 @@ def _tiny_sdxl_clip_class():
                 return_projected_pooled=True, model_options={**model_options, "model_name": "clip_g"})
             self.dtypes = {dtype}
 
-    return TinySDXLClipModel
+    return ConfiguredSDXLClipModel
+
+
+def _sd1_clip_class(**overrides):
+    """ComfyUI's SD1 text encoder (CLIP-L) with its config changed by `overrides`."""
+    import comfy.sd1_clip
+
+    config = _text_config("sd1_clip_config.json", **overrides)
+
+    class ConfiguredSD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):  # noqa: B006 (host signature)
+            super().__init__(device=device, dtype=dtype, model_options=model_options,
+                             clip_model=lambda **kw: comfy.sd1_clip.SDClipModel(
+                                 textmodel_json_config=config, return_projected_pooled=False, **kw))
+
+    return ConfiguredSD1ClipModel
+
+
+def random_text_encoder(family: str, seed: int = 0, **overrides):
+    """A random-weight CLIP of a family through ComfyUI's classes, its configs changed by `overrides`."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    if family == "sd1":
+        target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, _sd1_clip_class(**overrides))
+    else:
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _sdxl_clip_class(**overrides))
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    _fill_module(clip.cond_stage_model, seed)
+    return clip
 
 
 def _fill_module(module: torch.nn.Module, seed: int) -> None:
@@ -219,9 +251,7 @@ def tiny_sdxl(seed: int = 0):
     model = comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
                                              offload_device=mm.unet_offload_device())
 
-    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _tiny_sdxl_clip_class())
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
-    _fill_module(clip.cond_stage_model, seed + 1)
+    clip = random_text_encoder("sdxl", seed + 1, num_hidden_layers=3, intermediate_size=512)
 
     vae = _random_vae(seed + 2)
     return model, clip, vae
