@@ -15,13 +15,12 @@ the injected token rows), interleaved, median of --pairs:
   - per-call aliasing: training_scope's TorchFunctionMode aliases the inference weights on every torch call
     (how every gradient pass ran before `grad_pass`);
   - swapped once per pass: `grad_pass` (the default);
-  - the floor: the same pass on an ordinary (non-inference) copy of the weights, no scope at all.
+  - the floor: the same pass on an ordinary (non-inference) copy of the weights: nothing to alias.
 Appends dated rows to bench/RESULTS.md (section "Host overhead").
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import statistics
 import sys
@@ -104,23 +103,17 @@ def text_passes(family: str) -> dict[str, Callable[[], None]]:
 
 
 def _variants(make: Callable[[bool], Callable[[], None]]) -> dict[str, Callable[[], None]]:
-    from sefi_ide.host.grad_scope import per_call_aliasing, training_scope
+    """The three variants; run them inside one training_scope (as the training loop does)."""
+    from sefi_ide.host.grad_scope import per_call_aliasing
 
     host_pass, plain_pass = make(True), make(False)
 
     def per_call() -> None:
-        with training_scope(), per_call_aliasing(host_pass.module):
+        with per_call_aliasing(host_pass.module):
             host_pass()
 
-    def swapped() -> None:
-        with training_scope():
-            host_pass()
-
-    def floor() -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            plain_pass()
-
-    return dict(zip(VARIANTS, (per_call, swapped, floor)))
+    # the floor's ordinary weights need no swap; grad_pass still lifts the mode: plain PyTorch
+    return dict(zip(VARIANTS, (per_call, host_pass, plain_pass)))
 
 
 def measure(passes: dict[str, Callable[[], None]], pairs: int) -> dict[str, float]:
@@ -142,12 +135,18 @@ def main() -> None:
     ap.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
     ap.add_argument("--batch", type=int, default=2, help="UNet rows per pass (SD1 default: reference + target)")
     ap.add_argument("--pairs", type=int, default=7, help="interleaved measurements per variant")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads for torch (1: the host cost is one thread's work; less noise)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     prepare_host()
 
-    results = {"UNet": measure(unet_passes(args.family, args.batch), args.pairs),
-               "text encoder": measure(text_passes(args.family), args.pairs)}
+    from sefi_ide.host.grad_scope import training_scope
+
+    unet, text = unet_passes(args.family, args.batch), text_passes(args.family)
+    with training_scope():
+        results = {"UNet": measure(unet, args.pairs), "text encoder": measure(text, args.pairs)}
     name = device_name()
     print(f"{name}, {args.family} at full depth, narrow; gradient pass (forward + backward), median of {args.pairs}")
     width = max(len(k) for k in VARIANTS) + 14
