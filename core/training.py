@@ -5,6 +5,7 @@ Host-free: everything that touches the diffusion model goes through a `TrainingB
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -187,21 +188,25 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
 
     l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
     l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,
-                             backend.eos_index) if use_attn else torch.zeros(()))  # L_attn
+                             backend.eos_index) if use_attn else torch.zeros((), device=l_ldm.device))  # L_attn
     loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
-    if not torch.isfinite(loss):
-        raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss.item()}. "
-                        f"Lower the learning rate or λ, or check the image.")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if not all(torch.isfinite(p.grad).all() for g in generators.values() for p in g.parameters()
-               if p.grad is not None):
+    grads = [p.grad for g in generators.values() for p in g.parameters() if p.grad is not None]
+    # ONE host-device sync per step: the losses and the gradient check come back together
+    grads_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+    loss_value, ldm_value, attn_value, grads_ok = torch.stack(
+        [loss.detach().float(), l_ldm.detach().float(), l_attn.detach().float().to(loss.device),
+         grads_finite.to(loss.device, torch.float32)]).tolist()
+    if not math.isfinite(loss_value):  # raised before the update: the state stays the last good one
+        raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss_value}. "
+                        f"Lower the learning rate or λ, or check the image.")
+    if not grads_ok:
         raise SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
                         f"Lower the learning rate or λ, or check the image.")
     optimizer.step()
 
-    record = {"step": step + 1, "loss": loss.detach().item(), "ldm": l_ldm.detach().item(),
-              "attn": l_attn.detach().item(),
+    record = {"step": step + 1, "loss": loss_value, "ldm": ldm_value, "attn": attn_value,
               "t": int(t[0]), "stage": int(stage[0])}
     history.append(record)
     if on_step is not None:

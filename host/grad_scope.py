@@ -5,6 +5,10 @@ tensors, which autograd refuses to save for backward. Inside `training_scope()` 
 tensor that reaches a torch function is replaced by a zero-copy alias (same storage, ordinary tensor):
 gradients can flow *through* the frozen UNet/CLIP to our token generator, and the weights are
 neither copied nor modified.
+
+That per-call hook is Python on every torch call. The big passes avoid it: `grad_pass` swaps a host
+module's weights for the same aliases once per pass and takes the mode off torch's stack, and
+`frozen_pass` (no gradient) runs the host's way, in inference mode, also without the hook.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class _AliasInferenceTensors(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self._aliases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._slots: dict[int, tuple[torch.nn.Module, list[dict]]] = {}  # module id -> its param/buffer tables
+        self._tables: dict[int, tuple[torch.nn.Module, list[dict]]] = {}  # module id -> its param/buffer tables
         self.suspended = 0  # > 0 while lifted (frozen_pass, weights_aliased): no per-call aliasing
         self.per_call: set[int] = set()  # ids of modules whose gradient passes keep per-call aliasing
 
@@ -79,13 +83,12 @@ class _AliasInferenceTensors(TorchFunctionMode):
         args = tuple(self._alias_arg(a) for a in args)
         return func(*args, **{k: self._alias_arg(v) for k, v in kwargs.items()} if kwargs else {})
 
-
     def tables(self, module: torch.nn.Module) -> list[dict]:
         """Every parameter and buffer table of `module`'s tree (walked once per module and scope)."""
-        hit = self._slots.get(id(module))
+        hit = self._tables.get(id(module))
         if hit is None or hit[0] is not module:
             hit = (module, [t for m in module.modules() for t in (m._parameters, m._buffers) if t])
-            self._slots[id(module)] = hit
+            self._tables[id(module)] = hit
         return hit[1]
 
 

@@ -156,9 +156,10 @@ class _ToyBackend:
     placeholder_index = 1
     eos_index = 2
 
-    def __init__(self, nan_at_call: int | None = None):
+    def __init__(self, nan_at_call: int | None = None, nan_grad_at_call: int | None = None):
         self.calls = 0
         self.nan_at_call = nan_at_call
+        self.nan_grad_at_call = nan_grad_at_call
 
     def base_vectors(self):
         return {"clip_l": torch.full((768,), 0.01)}
@@ -180,6 +181,8 @@ class _ToyBackend:
         pred = eps * 0 + (context_k.mean() + context_v.mean()) * 10
         if self.nan_at_call is not None and self.calls >= self.nan_at_call:
             pred = pred * float("nan")
+        if self.nan_grad_at_call is not None and self.calls >= self.nan_grad_at_call and pred.requires_grad:
+            pred.register_hook(lambda g: g * float("nan"))  # a finite loss whose gradients are not
         maps = [torch.softmax(context_k.mean(-1, keepdim=True).expand(-1, 77, 77) * 0, -1)] if capture else []
         return pred, maps
 
@@ -194,6 +197,11 @@ def test_divergence_stops_reports_the_step_and_keeps_the_last_good_state():
     assert isinstance(stopped.value.cause, SeFiError) and "step 3" in str(stopped.value.cause)
     partial = stopped.value.partial.identity
     assert partial.trained_steps == 2 and torch.isfinite(partial.k["clip_l"]).all()
+    with pytest.raises(TrainingStopped) as stopped:
+        train_identity(_ToyBackend(nan_grad_at_call=2), torch.rand(1, 3, 64, 64), settings)
+    assert "step 2" in str(stopped.value.cause) and "gradients became NaN" in str(stopped.value.cause)
+    partial = stopped.value.partial.identity
+    assert partial.trained_steps == 1 and torch.isfinite(partial.k["clip_l"]).all()
     for bad, match in (({"steps": 0}, "steps must be"), ({"lr": float("inf")}, "lr must be"),
                        ({"attn_lambda": float("nan")}, "λ must be"), ({"scale_min": 2.0}, "scale_min")):
         with pytest.raises(SeFiError, match=match):
