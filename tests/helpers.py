@@ -1,7 +1,10 @@
-"""Shared helpers for the in-process tests: identities from real vocabulary rows, sampling, stage maths."""
+"""Shared test helpers: identities from real vocabulary rows, sampling, stage maths (in-process tests) and
+queueing prompts over the server's HTTP API (server tests)."""
 from __future__ import annotations
 
 import hashlib
+import time
+import uuid
 
 import torch
 
@@ -64,3 +67,25 @@ def state_hash(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def wait_for_prompt(server: dict, prompt_id: str, timeout: float = 600) -> dict:
+    """The prompt's /history entry once it has finished (successfully or not)."""
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        hist = requests.get(f"{server['url']}/history/{prompt_id}", timeout=30).json()
+        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
+            return hist[prompt_id]
+        time.sleep(0.5)
+    raise TimeoutError(f"prompt {prompt_id} did not finish")
+
+
+def run_prompt(server: dict, graph: dict, timeout: float = 600) -> dict:
+    """POST an API-format graph to /prompt and return its /history entry when it has finished."""
+    import requests
+
+    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": str(uuid.uuid4())}, timeout=30)
+    assert r.ok, r.text
+    return wait_for_prompt(server, r.json()["prompt_id"], timeout)

@@ -7,24 +7,12 @@ import uuid
 
 import pytest
 import requests
+from helpers import run_prompt
 
 pytestmark = pytest.mark.server
 
 OUR_NODES = {"LearnIDEmbedding", "FaceAttentionLossTrainer", "ApplyPerStageIDTokens", "SaveIDEmbedding",
              "LoadIDEmbedding", "IDAttentionHeatmap", "IDEmbeddingOptions"}
-
-
-def run_prompt(server, graph: dict, timeout: float = 400) -> dict:
-    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": str(uuid.uuid4())}, timeout=30)
-    assert r.ok, r.text
-    prompt_id = r.json()["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = requests.get(f"{server['url']}/history/{prompt_id}", timeout=30).json()
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            return hist[prompt_id]
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {prompt_id} did not finish")
 
 
 def checkpoint_nodes(steps=3, text="a photo of a person"):

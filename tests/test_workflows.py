@@ -13,12 +13,12 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
 from harness import PACK_ROOT
+from helpers import run_prompt, wait_for_prompt
 
 pytestmark = pytest.mark.server
 
@@ -197,21 +197,16 @@ def small(graph: dict, face: str, extra: dict | None = None) -> dict:
 
 
 def run(server, graph: dict, timeout: float = 600) -> dict:
-    r = requests.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": str(uuid.uuid4())}, timeout=30)
-    assert r.ok, r.text
-    return wait_for(server, r.json()["prompt_id"], timeout)
+    return _succeeded(run_prompt(server, graph, timeout))
 
 
 def wait_for(server, prompt_id: str, timeout: float = 600) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        hist = requests.get(f"{server['url']}/history/{prompt_id}", timeout=30).json()
-        if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
-            entry = hist[prompt_id]
-            assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
-            return entry
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {prompt_id} did not finish")
+    return _succeeded(wait_for_prompt(server, prompt_id, timeout))
+
+
+def _succeeded(entry: dict) -> dict:
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    return entry
 
 
 def two_identities_setup(face: str) -> dict:
