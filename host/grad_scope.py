@@ -113,7 +113,7 @@ def _is_plain_inference(x) -> bool:
 
 @contextlib.contextmanager
 def weights_aliased(module: torch.nn.Module) -> Iterator[None]:
-    """A gradient pass through `module` (the UNet) without training_scope's per-call cost.
+    """A gradient pass through `module` (the UNet, a text encoder, a block) without the per-call cost.
 
     A UNet pass makes thousands of torch calls and the mode runs a Python hook on each (bench/overhead.py).
     Here the module's inference parameters and buffers are swapped, for the duration, for the same zero-copy
