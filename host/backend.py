@@ -67,7 +67,8 @@ class ComfyTrainingBackend:
         end_id = clip.tokenize("")["l"][0][1][0]
         self.eos_index = ref_ids.index(end_id, 1)
         self._ref_tokens = ref_tokens
-        comfy.model_management.load_models_gpu([model])
+        with frozen_pass():  # loaded the host's way: its patched weights and backups stay inference tensors
+            comfy.model_management.load_models_gpu([model])
         self.device = model.load_device
         self.unet = UNetPass(model, layers, checkpointing=settings.gradient_checkpointing)
 

@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import SeFiError
 from ..core.identity import FAMILY_NAMES
-from .grad_scope import grad_pass
+from .grad_scope import frozen_pass, grad_pass
 
 ENCODER_OF_KEY = {"l": "clip_l", "g": "clip_g"}
 KEY_OF_ENCODER = {v: k for k, v in ENCODER_OF_KEY.items()}
@@ -167,7 +167,8 @@ def encode_variants(clip, variants: list[dict]) -> tuple[torch.Tensor, torch.Ten
     if not torch.is_grad_enabled():
         cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
     else:
-        clip.load_model()  # before the swap: loading moves weights, and the encode below finds them in place
+        with frozen_pass():  # before the swap, the host's way: the encode below finds the weights in place
+            clip.load_model()
         with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
             cond, pooled = grad_pass(clip.cond_stage_model,
                                      lambda: clip.encode_from_tokens(merged, return_pooled=True))

@@ -187,6 +187,43 @@ def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
     assert torch.equal(model.model.state_dict()[target], before)
 
 
+def test_learning_on_a_lora_model_trains_through_the_patched_weights_and_restores_the_base(sd1, caplog):
+    """The fast gradient pass swaps whatever weights the host has loaded: with a LoRA, the patched ones
+    (the learned tokens differ from those learned on the base model), and the base model comes back intact."""
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    from helpers import photo
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.images import prepare_reference
+
+    model, clip, vae = sd1
+    target = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora_name = next(k for k, v in key_map.items() if v == target and k.startswith("lora_unet_"))
+    g = torch.Generator().manual_seed(0)
+    weight = model.model.state_dict()[target]
+    lora = {f"{lora_name}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
+            f"{lora_name}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g)}
+    before = weight.clone()
+    with torch.inference_mode():
+        with_lora, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
+    settings = TrainSettings(resolution=64, steps=2, attn_lambda=1000.0, placeholder="<alice>")
+    reference, _ = prepare_reference(photo(), None, 64)
+    learned = {}
+    for name, m in (("lora", with_lora), ("base", model)):
+        with torch.inference_mode(), training_scope():
+            learned[name] = train_identity(ComfyTrainingBackend(m, clip, vae, settings), reference, settings)
+    assert "holds inference tensors" not in caplog.text  # the swap reached every weight, patched or not
+    assert not torch.equal(learned["lora"].identity.k["clip_l"], learned["base"].identity.k["clip_l"])
+    comfy.model_management.load_models_gpu([model])
+    assert torch.equal(model.model.state_dict()[target], before)
+    assert all(p.is_inference() for p in model.model.parameters())
+
+
 @pytest.mark.parametrize("placeholder", ["<mary-jane_smith>", "sks_person", "<ÅsaLarsson>"])
 def test_placeholders_the_tokenizer_splits_still_get_one_identity_row(sd1, placeholder):
     from sefi_ide.host.conditioning import build_stage_contexts
