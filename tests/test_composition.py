@@ -137,8 +137,18 @@ def test_strength_zero_reproduces_the_prompt_without_the_identity_exactly(models
     assert dists[0] == 0.0 and dists == sorted(dists) and len(set(dists)) == 4
 
 
-def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
+def _random_lora(model, target: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA (kohya key names) for one UNet weight of `model`, drawn from `g`."""
     import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora_name = next(k for k, v in key_map.items() if v == target and k.startswith("lora_unet_"))
+    weight = model.model.state_dict()[target]
+    return {f"{lora_name}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
+            f"{lora_name}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g)}
+
+
+def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
     import comfy.model_management
     import comfy.sd
     import tiny_models
@@ -148,12 +158,8 @@ def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
 
     model, clip, _ = sd1
     target = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    lora_name = next(k for k, v in key_map.items() if v == target and k.startswith("lora_unet_"))
     g = torch.Generator().manual_seed(0)
-    weight = model.model.state_dict()[target]
-    lora = {f"{lora_name}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
-            f"{lora_name}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g)}
+    lora = _random_lora(model, target, g)
     calls = []
     foreign = model.clone()
     foreign.set_model_attn2_patch(lambda n, c, v, extra: (calls.append(1), (n, c, v))[1])
@@ -190,7 +196,6 @@ def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
 def test_learning_on_a_lora_model_trains_through_the_patched_weights_and_restores_the_base(sd1, caplog):
     """The fast gradient pass swaps whatever weights the host has loaded: with a LoRA, the patched ones
     (the learned tokens differ from those learned on the base model), and the base model comes back intact."""
-    import comfy.lora
     import comfy.model_management
     import comfy.sd
     from helpers import photo
@@ -202,13 +207,8 @@ def test_learning_on_a_lora_model_trains_through_the_patched_weights_and_restore
 
     model, clip, vae = sd1
     target = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    lora_name = next(k for k, v in key_map.items() if v == target and k.startswith("lora_unet_"))
-    g = torch.Generator().manual_seed(0)
-    weight = model.model.state_dict()[target]
-    lora = {f"{lora_name}.lora_up.weight": torch.randn(weight.shape[0], 4, generator=g),
-            f"{lora_name}.lora_down.weight": torch.randn(4, weight.shape[1], generator=g)}
-    before = weight.clone()
+    lora = _random_lora(model, target, torch.Generator().manual_seed(0))
+    before = model.model.state_dict()[target].clone()
     with torch.inference_mode():
         with_lora, _ = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 0.0)
     settings = TrainSettings(resolution=64, steps=2, attn_lambda=1000.0, placeholder="<alice>")
