@@ -237,22 +237,8 @@ def tiny_sdxl(seed: int = 0):
 
     Call under torch.inference_mode() to get tensors like the host's loader gives.
     """
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.sd
-    import comfy.sdxl_clip
-    import comfy.supported_models
-    import comfy.supported_models_base
-
-    config = comfy.supported_models.SDXL(dict(TINY_SDXL_UNET))
-    config.set_inference_dtype(torch.float32, None)
-    base_model = config.get_model({})
-    _fill_module(base_model.diffusion_model, seed)
-    model = comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
-
+    model = random_unet_model("sdxl", TINY_SDXL_UNET, seed, torch.float32)
     clip = random_text_encoder("sdxl", seed + 1, num_hidden_layers=3, intermediate_size=512)
-
     vae = _random_vae(seed + 2)
     return model, clip, vae
 
