@@ -132,7 +132,8 @@ class FaceAttentionLossTrainer:
         optional["gradient_checkpointing"] = ("BOOLEAN", {
             "default": d.gradient_checkpointing,
             "tooltip": "Recompute each UNet block during backward instead of keeping its activations: much less GPU "
-                       "memory (for SDXL on cards under 24 GB), about a third more time per step. Same result."})
+                       "memory (for SDXL on cards under 24 GB), for one more UNet forward per step. The learned "
+                       "identity is the same."})
         return {"required": required, "optional": optional}
 
     def train(self, model, clip, vae, image, placeholder, steps, seed, init_word, reference_prompt, attn_lambda,
