@@ -16,7 +16,7 @@ the injected token rows), interleaved, median of --pairs:
     (how every gradient pass ran before `grad_pass`);
   - swapped once per pass: `grad_pass` (the default);
   - the floor: the same pass on an ordinary (non-inference) copy of the weights: nothing to alias.
-Appends dated rows to bench/RESULTS.md (section "Host overhead").
+Adds dated rows to the host-cost table of bench/RESULTS.md (section D).
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
-from run import FULL_SD1_UNET, FULL_SDXL_UNET, NARROW_WIDTH, device_name, prepare_host, sync
+from run import FULL_SD1_UNET, FULL_SDXL_UNET, NARROW_WIDTH, device_name, prepare_host, record_row, sync
 
 NARROW_CONTEXT = 64
 NARROW_TEXT = {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 2, "projection_dim": 64}
 POOLED_WIDTH = 1280  # SDXL's pooled text width (part of the 2816-wide `y`)
+OVERHEAD_TABLE = "| date | device | pass |"  # header of the RESULTS.md table (section D) rows go to
 VARIANTS = ("per-call aliasing (before)", "swapped once per pass", "floor: ordinary weights")
 
 
@@ -155,12 +156,12 @@ def main() -> None:
         for key, med in medians.items():
             print(f"{(part + ': ' + key).ljust(width)}  {med * 1000:8.1f} ms  {med / base:5.2f}x")
     if not args.no_record:
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            for part, m in results.items():
-                base, fast, floor = (m[k] for k in VARIANTS)
-                f.write(f"| {datetime.date.today()} | {name} | {args.family} narrow, {part} | {base * 1000:.1f} ms | "
-                        f"{fast * 1000:.1f} ms ({fast / base:.2f}x) | {floor * 1000:.1f} ms ({floor / base:.2f}x) | "
-                        f"`python bench/overhead.py {' '.join(sys.argv[1:])}` |\n")
+        for part, m in results.items():
+            base, fast, floor = (m[k] for k in VARIANTS)
+            record_row(OVERHEAD_TABLE, f"| {datetime.date.today()} | {name} | {args.family} narrow, {part} | "
+                       f"{base * 1000:.1f} ms | {fast * 1000:.1f} ms ({fast / base:.2f}x) | "
+                       f"{floor * 1000:.1f} ms ({floor / base:.2f}x) | "
+                       f"`python bench/overhead.py {' '.join(sys.argv[1:])}` |\n")
 
 
 if __name__ == "__main__":

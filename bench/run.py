@@ -233,8 +233,24 @@ def main() -> None:
         line = (f"| {datetime.date.today()} | {device_name()} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
                 f"{per_step * DEFAULT_STEPS:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
                 f"{(ratio - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
-        with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-            f.write(line)
+        record_row(RUN_TABLE, line)
+
+
+RUN_TABLE = "| date | device | model | step |"  # header of the table bench/run.py rows go to
+
+
+def record_row(table_header: str, line: str) -> None:
+    """Add `line` as the last row of the bench/RESULTS.md table whose header row starts with `table_header`."""
+    path = ROOT / "bench" / "RESULTS.md"
+    lines = path.read_text().splitlines(keepends=True)
+    start = next((i for i, row in enumerate(lines) if row.startswith(table_header)), None)
+    if start is None:
+        raise RuntimeError(f"bench/RESULTS.md has no table starting '{table_header}'")
+    end = start
+    while end + 1 < len(lines) and lines[end + 1].startswith("|"):
+        end += 1
+    lines.insert(end + 1, line)
+    path.write_text("".join(lines))
 
 
 def prepare_host() -> None:

@@ -228,16 +228,20 @@ def test_training_scope_lets_host_weight_moves_reach_the_real_weights():
         assert layer(x.detach()).dtype == torch.float64
 
 
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+
+
 def _inference_mlp() -> torch.nn.Module:
     with torch.inference_mode():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        return _mlp()
 
 
 def _ordinary_copy(module: torch.nn.Module) -> torch.nn.Module:
     """The same network with ordinary (non-inference) weights: the gradients to expect."""
     with torch.inference_mode(False):
-        copy = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        copy = _mlp()
         copy.load_state_dict({k: v.clone() for k, v in module.state_dict().items()})
     return copy.requires_grad_(False)
 
