@@ -13,10 +13,14 @@ other conditioning untouched, and survives the host repeating or concatenating c
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..core.stages import stage_of_timestep
 from .regions import RegionAttention, RegionBias
+
+log = logging.getLogger(__name__)
 
 
 class PerStageKVPatch:
@@ -34,6 +38,9 @@ class PerStageKVPatch:
         self.model_sampling = model_sampling
         self._device_cache: dict = {}
         self._last: tuple | None = None
+        self.unmasked_layers: set[str] = set()  # layers where a region mask was not applied (see _note_unapplied_mask)
+        self._reported = 0
+        self._layer: str | None = None
 
     def _on(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
@@ -60,7 +67,7 @@ class PerStageKVPatch:
             biases = {}
             self._last = (context_attn2, value_attn2, sigmas, out_k, out_v, match, biases)
         if self.region_attention is not None:
-            self.region_attention.pending = None
+            self._note_unapplied_mask(extra_options, new_pass=last is None or last[0] is not context_attn2)
             if match is not None:  # region_attention and regions are installed together, only when a mask is set
                 shape = extra_options.get("activations_shape")
                 hw = (int(shape[-2]), int(shape[-1]))
@@ -68,6 +75,21 @@ class PerStageKVPatch:
                     biases[hw] = self.regions.build(match, hw, context_attn2.shape[1])
                 self.region_attention.pending = biases[hw]
         return n, out_k, out_v
+
+    def _note_unapplied_mask(self, extra_options: dict, new_pass: bool) -> None:
+        """A region mask handed to the previous layer and never taken: that layer's attention call did not go through
+        the host's `optimized_attention_override` (another pack replaced it without passing transformer_options), so
+        the identity was not confined there. Logged once per new set of such layers, naming them."""
+        if self.region_attention.pending is not None and self._layer is not None:
+            self.unmasked_layers.add(self._layer)
+        self.region_attention.pending = None
+        if new_pass and len(self.unmasked_layers) > self._reported:
+            self._reported = len(self.unmasked_layers)
+            log.warning("SeFi-IDE: the region mask of an identity was not applied at cross-attention layer(s) %s: "
+                        "another pack replaces the attention there without passing ComfyUI's transformer_options. "
+                        "The identity may appear outside its region.", ", ".join(sorted(self.unmasked_layers)))
+        block = extra_options.get("block")
+        self._layer = None if block is None else f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
 
     def _swap(self, context: torch.Tensor, value: torch.Tensor, sigmas: torch.Tensor):
         """(K context, V context, match (rows, blocks) or None)."""

@@ -36,11 +36,14 @@ class Identity:
     v: dict[str, torch.Tensor]
     training: dict = field(default_factory=dict)
     reference_sha256: str = ""
-    # optional, to resume training: generator weights per encoder ("clip_l.<param>")
+    # optional, to resume training: generator weights per encoder ("clip_l.<param>") and their design's version
     generator_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    generator_version: int = 0
     # optional, to resume exactly: Adam moments per generator parameter, and the steps already done
     optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict)
     trained_steps: int = 0
+    # |token| per stage for k and v and |e| of the init word, per encoder (see token_norms): an over-strong identity shows
+    token_norms: dict = field(default_factory=dict)
     # per-use options (set by the "ID Embedding Options" node, never saved): 0 = the init word, 1 = as learned
     strength: float = 1.0
     region: torch.Tensor | None = None  # (H, W) in [0, 1]: where the identity's tokens may be attended to
@@ -57,6 +60,29 @@ class Identity:
                 f"on a {FAMILY_NAMES.get(model_family, model_family)} checkpoint, or use a "
                 f"{FAMILY_NAMES.get(self.family, self.family)} checkpoint with it."
             )
+
+
+def token_norms(k: dict[str, torch.Tensor], v: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
+    """{encoder: {"init_word": |e|, "k": [|k_s|...], "v": [|v_s|...]}}, rounded to 4 decimals (stable bytes)."""
+    def r(x: torch.Tensor) -> list[float]:
+        return [round(float(n), 4) for n in x.detach().float().cpu().reshape(-1)]
+
+    return {enc: {"init_word": r(base[enc].norm())[0], "k": r(k[enc].norm(dim=-1)), "v": r(v[enc].norm(dim=-1))}
+            for enc in sorted(k)}
+
+
+def norm_report(identity: Identity, base: dict[str, torch.Tensor]) -> str:
+    """Token norms against the init word's, one line per encoder: a ratio far above 1 means an over-strong
+    identity (lower its strength, or learn with fewer steps or a lower learning rate)."""
+    norms = token_norms(identity.k, identity.v, base)
+    lines = []
+    for enc, n in norms.items():
+        e = max(n["init_word"], 1e-8)
+        ks = ", ".join(f"{x / e:.2f}" for x in n["k"])
+        vs = ", ".join(f"{x / e:.2f}" for x in n["v"])
+        lines.append(f"{enc}: |init word '{identity.init_word}'| = {n['init_word']:.4f}; |token| / |init word| per "
+                     f"stage: k [{ks}], v [{vs}]")
+    return "\n".join(lines)
 
 
 def image_sha256(image: torch.Tensor) -> str:
@@ -116,7 +142,10 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
         "reference_sha256": identity.reference_sha256,
         "pack_version": PACK_VERSION,
         "trained_steps": str(identity.trained_steps),
+        "token_norms": json.dumps(identity.token_norms, sort_keys=True),
     }
+    if include_generator and identity.generator_state:
+        metadata["generator_version"] = str(identity.generator_version)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -186,27 +215,63 @@ def load_identity(path: str | os.PathLike) -> Identity:
     for key in [f"{kind}.{enc}" for enc in encoders for kind in ("k", "v")]:
         if key not in tensors:
             raise SeFiError(f"'{name}': missing tensor '{key}'.")
-    try:
-        training = json.loads(meta.get("training", "{}"))
-    except json.JSONDecodeError:
-        raise SeFiError(f"'{name}': metadata 'training' is not valid JSON.") from None
+    generator_state = {k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")}
     identity = Identity(
         family=family,
         placeholder=meta.get("placeholder", ""),
-        init_word=meta.get("init_word", ""),
+        init_word=_meta_str(meta, "init_word", name),
         k={enc: tensors[f"k.{enc}"].float() for enc in encoders},
         v={enc: tensors[f"v.{enc}"].float() for enc in encoders},
-        training=training,
-        reference_sha256=meta.get("reference_sha256", ""),
-        generator_state={k[len("generator."):]: t for k, t in tensors.items() if k.startswith("generator.")},
+        training=_meta_json_object(meta, "training", name),
+        reference_sha256=_meta_str(meta, "reference_sha256", name),
+        generator_state=generator_state,
+        # files from before the version field hold the version-1 generator
+        generator_version=_meta_int(meta, "generator_version", name, default=1 if generator_state else 0),
         optimizer_state={k[len("optimizer."):]: t for k, t in tensors.items() if k.startswith("optimizer.")},
-        trained_steps=int(meta.get("trained_steps", "0") or 0),
+        trained_steps=_meta_int(meta, "trained_steps", name, default=0),
+        token_norms=_meta_json_object(meta, "token_norms", name),
     )
+    _meta_str(meta, "pack_version", name)
+    for key in ("reference_prompt", "layers", "init_word", "placeholder"):  # the ones the nodes read back
+        if not isinstance(identity.training.get(key, ""), str):
+            raise _meta_damaged(name, f"training.{key}", identity.training[key], "a text")
     validate_identity(identity, f"'{name}'")
-    if str(identity.num_stages) != meta.get("stages"):
+    if _meta_int(meta, "stages", name, default=-1) != identity.num_stages:
         raise SeFiError(f"'{name}': metadata says {meta.get('stages')} stages but the tensors hold "
                         f"{identity.num_stages}.")
     return identity
+
+
+def _meta_damaged(name: str, key: str, value, expected: str) -> SeFiError:
+    return SeFiError(f"'{name}': metadata '{key}' is {value!r}, expected {expected}. The file is damaged; save or "
+                     f"download it again.")
+
+
+def _meta_str(meta: dict, key: str, name: str) -> str:
+    value = meta.get(key, "")
+    if len(value) > 10_000:
+        raise _meta_damaged(name, key, value[:40] + "...", "a short text")
+    return value
+
+
+def _meta_int(meta: dict, key: str, name: str, default: int) -> int:
+    value = meta.get(key)
+    if value is None or value == "":
+        return default
+    if not value.isdigit() or len(value) > 9:
+        raise _meta_damaged(name, key, value, "a whole number >= 0")
+    return int(value)
+
+
+def _meta_json_object(meta: dict, key: str, name: str) -> dict:
+    value = meta.get(key, "{}") or "{}"
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        raise _meta_damaged(name, key, value[:40], "a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise _meta_damaged(name, key, value[:40], "a JSON object")
+    return parsed
 
 
 def safe_child_path(folder: str | os.PathLike, filename: str) -> Path:

@@ -6,6 +6,10 @@ import enum
 import torch
 
 
+# pixels of one loss-layer map in the paper's setting (SD1.4 at 512 px: 16x16); see attention_loss
+REFERENCE_MAP_PIXELS = 256
+
+
 class TokenOption(enum.IntEnum):
     """Which token maps L_attn compares (the paper's three options; 3 is its best)."""
 
@@ -39,10 +43,13 @@ def attention_loss(
     placeholder: int,
     eos: int,
 ) -> torch.Tensor:
-    """L_attn: mean over layers of ||A_tgt − A_ref||² over the selected token maps.
+    """L_attn = mean over layers and batch·heads of (256 / HW) · Σ_pixels Σ_selected tokens (A_tgt − A_ref)².
 
-    Each map is (batch·heads, HW, tokens). The squared error is summed over pixels and tokens
-    and averaged over batch·heads, so λ = 0.003 weighs it against the per-element mean L_LDM.
+    Each map is (batch·heads, HW, tokens). The paper sums the squared error over the map; summed over
+    pixels, the same λ would weigh 4x more on SDXL (32x32 loss maps at 1024 px) than on SD1 (16x16 at
+    512 px) and change with the training resolution. The per-pixel mean times 256 (the 16x16 maps of
+    SD1.4 at 512 px, the paper's setting) keeps the paper's λ = 0.003 meaning what it meant there, and
+    the same at any map size.
     """
     if not target_maps or len(target_maps) != len(reference_maps):
         raise ValueError("attention_loss needs one reference map per target map")
@@ -51,5 +58,5 @@ def attention_loss(
         diff = select_token_maps(tgt.float(), option, placeholder, eos) - select_token_maps(
             ref.float(), option, placeholder, eos
         )
-        per_layer.append(diff.pow(2).sum(dim=(-2, -1)).mean())
+        per_layer.append(diff.pow(2).sum(dim=-1).mean() * REFERENCE_MAP_PIXELS)
     return torch.stack(per_layer).mean()

@@ -14,8 +14,9 @@ import torch
 
 from .augment import augment, make_augmenter
 from .errors import SeFiError
-from .generator import TokenGenerator
-from .identity import Identity, image_sha256
+from .generator import GENERATOR_VERSION, TokenGenerator
+from .identity import Identity, image_sha256, token_norms
+from .loss_scale import LossScale
 from .losses import attention_loss, ldm_loss
 from .settings import TrainSettings
 from .stages import stage_of_timestep
@@ -26,6 +27,7 @@ class TrainingBackend(Protocol):
     encoders: dict[str, int]  # encoder name -> width
     placeholder_index: int  # token position of the placeholder in the target prompt
     eos_index: int
+    compute_dtype: torch.dtype  # the host's UNet compute dtype: fp16 gets loss scaling
 
     def base_vectors(self) -> dict[str, torch.Tensor]: ...
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # (context, pooled)
@@ -33,8 +35,8 @@ class TrainingBackend(Protocol):
     def latents(self, images: torch.Tensor) -> torch.Tensor: ...
     def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor: ...
     def predict_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, context_k: torch.Tensor,
-                      context_v: torch.Tensor, capture: bool,
-                      pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+                      context_v: torch.Tensor, capture: bool, pooled: torch.Tensor | None = None,
+                      chunks: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
 
 @dataclass
@@ -60,6 +62,9 @@ def _optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter
     return out
 
 
+LOSS_SCALE_KEY = "loss_scale"
+
+
 def _load_optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str],
                           state: dict[str, torch.Tensor]) -> None:
     for param, name in names.items():
@@ -79,6 +84,11 @@ def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings,
         torch.manual_seed(settings.seed)
         gens = {enc: TokenGenerator(vec, settings.num_stages) for enc, vec in sorted(base.items())}
     if resume is not None:
+        if resume.generator_state and resume.generator_version != GENERATOR_VERSION:
+            raise SeFiError(f"Cannot resume from identity '{resume.placeholder}': it was trained with generator "
+                            f"version {resume.generator_version}, whose per-stage K/V tokens collapse to one token; "
+                            f"this pack trains version {GENERATOR_VERSION}. The identity still works for generation "
+                            f"as it is; to continue training, learn it again without 'resume_from'.")
         for enc, gen in gens.items():
             state = {k[len(enc) + 1:]: t for k, t in resume.generator_state.items() if k.startswith(enc + ".")}
             if not state:
@@ -110,6 +120,7 @@ def train_identity(
     optimizer = torch.optim.Adam(list(names), lr=settings.lr)
     augmenter = make_augmenter(settings)
     rng = torch.Generator().manual_seed(settings.seed)
+    loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
     start = 0
     if resume is not None and resume.optimizer_state:
         # exact continuation: Adam moments restored, and the same t/ε stream fast-forwarded
@@ -117,9 +128,11 @@ def train_identity(
         if start >= settings.steps:
             raise SeFiError(f"The identity to resume was already trained for {start} steps; set steps above that.")
         _load_optimizer_state(optimizer, names, resume.optimizer_state)
+        loss_scale.load(resume.optimizer_state.get(LOSS_SCALE_KEY))
 
     with torch.no_grad():
         ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
+        base = {enc: gen.base.clone() for enc, gen in generators.items()}
 
     history: list[dict] = []
     B = settings.batch_size
@@ -129,18 +142,18 @@ def train_identity(
         torch.randn((B, 4, latent_side, latent_side), generator=rng)
     try:
         for step in range(start, settings.steps):
-            _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref_context, ref_pooled,
-                        settings, step, history, on_step)
+            _train_step(backend, generators, optimizer, loss_scale, augmenter, rng, image, mask, ref_context,
+                        ref_pooled, settings, step, history, on_step)
     except Exception as exc:  # cancel or divergence: hand back the last good state, resumable exactly
         done = start + len(history)  # a step is recorded only after its optimizer update
-        raise TrainingStopped(exc, TrainResult(_finish(generators, optimizer, names, settings, image,
-                                                       backend.family, done), history)) from exc
-    return TrainResult(_finish(generators, optimizer, names, settings, image, backend.family, settings.steps),
-                       history)
+        raise TrainingStopped(exc, TrainResult(_finish(generators, optimizer, names, loss_scale, base, settings,
+                                                       image, backend.family, done), history)) from exc
+    return TrainResult(_finish(generators, optimizer, names, loss_scale, base, settings, image, backend.family,
+                               settings.steps), history)
 
 
-def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref_context, ref_pooled,
-                settings: TrainSettings, step: int, history: list[dict], on_step) -> None:
+def _train_step(backend, generators, optimizer, loss_scale: LossScale, augmenter, rng, image, mask, ref_context,
+                ref_pooled, settings: TrainSettings, step: int, history: list[dict], on_step) -> None:
     """One step: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam."""
     S, B = settings.num_stages, settings.batch_size
     use_attn = settings.attn_lambda > 0
@@ -175,7 +188,7 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
         both = _pair(ref_pooled, pooled, B)
         eps_pred, maps = backend.predict_noise(torch.cat([z0, z0]), torch.cat([eps, eps]), torch.cat([t, t]),
                                                torch.cat([ref_k, ctx_k]), torch.cat([ref_k, ctx_v]), capture=True,
-                                               pooled=both)
+                                               pooled=both, chunks=2)
         eps_pred = eps_pred[B:]
         half = maps[0].shape[0] // 2 if maps else 0  # maps are (rows·heads, HW, tokens), row-major
         ref_maps = [m[:half].detach() for m in maps]
@@ -191,7 +204,7 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
                              backend.eos_index) if use_attn else torch.zeros((), device=l_ldm.device))  # L_attn
     loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * loss_scale.value if loss_scale.dynamic else loss).backward()  # scaled: fp16's range (loss_scale.py)
     grads = [p.grad for g in generators.values() for p in g.parameters() if p.grad is not None]
     # ONE host-device sync per step: the losses and the gradient check come back together
     grads_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
@@ -201,13 +214,19 @@ def _train_step(backend, generators, optimizer, augmenter, rng, image, mask, ref
     if not math.isfinite(loss_value):  # raised before the update: the state stays the last good one
         raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss_value}. "
                         f"Lower the learning rate or λ, or check the image.")
-    if not grads_ok:
+    scale_used = loss_scale.value
+    take_step = loss_scale.update(bool(grads_ok))
+    if not grads_ok and (not loss_scale.dynamic or loss_scale.value < 1):
         raise SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
                         f"Lower the learning rate or λ, or check the image.")
-    optimizer.step()
+    if take_step:
+        if loss_scale.dynamic:
+            for g in grads:
+                g.div_(scale_used)  # a power of two: exact
+        optimizer.step()
 
     record = {"step": step + 1, "loss": loss_value, "ldm": ldm_value, "attn": attn_value,
-              "t": int(t[0]), "stage": int(stage[0])}
+              "t": int(t[0]), "stage": int(stage[0]), "skipped": not take_step, "loss_scale": scale_used}
     history.append(record)
     if on_step is not None:
         on_step(step + 1, settings.steps, record)
@@ -220,8 +239,9 @@ def _pair(ref_pooled: torch.Tensor | None, pooled: torch.Tensor | None, batch: i
     return torch.cat([ref_pooled.expand(batch, -1).to(pooled), pooled.expand(batch, -1)])
 
 
-def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, names: dict, settings: TrainSettings,
-            image: torch.Tensor, family: str, trained_steps: int) -> Identity:
+def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, names: dict, loss_scale: LossScale,
+            base: dict[str, torch.Tensor], settings: TrainSettings, image: torch.Tensor, family: str,
+            trained_steps: int) -> Identity:
     k, v, state = {}, {}, {}
     with torch.no_grad():
         for enc, gen in generators.items():
@@ -229,6 +249,9 @@ def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, 
             k[enc] = k_enc.detach().float().cpu()
             v[enc] = (v_enc if settings.kv_split else k_enc).detach().float().cpu()
             state.update({f"{enc}.{name}": t.detach().float().cpu() for name, t in gen.state_dict().items()})
+    optimizer_state = _optimizer_state(optimizer, names)
+    if loss_scale.dynamic:
+        optimizer_state[LOSS_SCALE_KEY] = loss_scale.state().float()
     return Identity(
         family=family,
         placeholder=settings.placeholder,
@@ -238,6 +261,8 @@ def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, 
         training=settings.to_metadata(),
         reference_sha256=image_sha256(image),
         generator_state=state,
-        optimizer_state=_optimizer_state(optimizer, names),
+        generator_version=GENERATOR_VERSION,
+        optimizer_state=optimizer_state,
         trained_steps=trained_steps,
+        token_norms=token_norms(k, v, base),
     )

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import uuid
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,17 @@ from .grad_scope import frozen_pass, grad_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
 
-def _merge_transformer_options(base: dict, kv_patch, replace: dict) -> dict:
-    """The model's own transformer options (other packs' patches keep running) plus ours."""
+log = logging.getLogger(__name__)
+
+
+def _merge_transformer_options(base: dict, kv_patch, replace: dict, sigma: torch.Tensor, chunks: int) -> dict:
+    """The model's own transformer options (other packs' patches keep running) plus ours, with the keys a sampler
+    sets (comfy/samplers.py `_calc_cond_batch`): patches written for sampling read them. Every row of our passes
+    is positive conditioning, in `chunks` equal chunks (2 with the reference rows in the target batch)."""
     opts = dict(base)
+    opts["cond_or_uncond"] = [0] * chunks
+    opts["uuids"] = [uuid.uuid4() for _ in range(chunks)]
+    opts["sigmas"] = sigma[: sigma.shape[0] // chunks]
     patches = {k: list(v) for k, v in opts.get("patches", {}).items()}
     patches["attn2_patch"] = patches.get("attn2_patch", []) + [kv_patch]
     opts["patches"] = patches
@@ -70,6 +80,7 @@ class ComfyTrainingBackend:
         with frozen_pass():  # loaded the host's way: its patched weights and backups stay inference tensors
             comfy.model_management.load_models_gpu([model])
         self.device = model.load_device
+        self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         self.unet = UNetPass(model, layers, checkpointing=settings.gradient_checkpointing)
 
     # --- text -------------------------------------------------------------------------------
@@ -100,8 +111,8 @@ class ComfyTrainingBackend:
         return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
 
     # --- UNet -------------------------------------------------------------------------------
-    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
-        return self.unet(z0, eps, t, context_k, context_v, capture, pooled)
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None, chunks: int = 1):
+        return self.unet(z0, eps, t, context_k, context_v, capture, pooled, chunks)
 
 
 class UNetPass:
@@ -113,6 +124,7 @@ class UNetPass:
         self.model_sampling = model.get_model_object("model_sampling")
         self.capture = AttentionCapture(layers)
         self.device = model.load_device
+        self._warned = False
 
     def _adm(self, pooled: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
         """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None."""
@@ -123,20 +135,33 @@ class UNetPass:
                                           target_height=h, crop_w=0, crop_h=0)
         return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
 
-    def __call__(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None):
+    def __call__(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None, chunks: int = 1):
+        """chunks: how many equal groups of rows the batch holds (reference + target rows in one pass: 2)."""
         if not torch.is_grad_enabled():  # the reference pass: the host's own fast path
             with frozen_pass():
-                return self._run(z0, eps, t, context_k, context_v, capture, pooled)
-        return self._run(z0, eps, t, context_k, context_v, capture, pooled)
+                return self._run(z0, eps, t, context_k, context_v, capture, pooled, chunks)
+        return self._run(z0, eps, t, context_k, context_v, capture, pooled, chunks)
 
-    def _run(self, z0, eps, t, context_k, context_v, capture: bool, pooled):
+    def _warn_replaced(self, base_options: dict) -> None:
+        """Our map capture replaces the attention call at the loss layers; another pack's attention replacement
+        there does not run in the training passes (it does everywhere else, and in sampling)."""
+        foreign = set(base_options.get("patches_replace", {}).get("attn2", {}))
+        overlap = sorted(".".join(map(str, key)) for key in foreign & {layer.key for layer in self.capture.layers})
+        if overlap and not self._warned:
+            self._warned = True
+            log.warning("SeFi-IDE: another pack replaces cross-attention at the loss layers %s; while learning, the "
+                        "attention maps there are computed without it.", ", ".join(overlap))
+
+    def _run(self, z0, eps, t, context_k, context_v, capture: bool, pooled, chunks: int):
         ms = self.model_sampling
         sigma = ms.sigma(t.to(ms.sigmas.device)).to(self.device)
         z0, eps = z0.to(self.device), eps.to(self.device)
         x = ms.noise_scaling(sigma, eps, z0)  # z_t in the host's sigma parameterisation
-        opts = _merge_transformer_options(self.model.model_options.get("transformer_options", {}),
-                                          FixedKVPatch(context_k, context_v),
-                                          self.capture.replace_patches() if capture else {})
+        base_options = self.model.model_options.get("transformer_options", {})
+        if capture:
+            self._warn_replaced(base_options)
+        opts = _merge_transformer_options(base_options, FixedKVPatch(context_k, context_v),
+                                          self.capture.replace_patches() if capture else {}, sigma, chunks)
         extra = {}
         adm = self._adm(pooled, z0)
         if adm is not None:

@@ -179,6 +179,28 @@ def test_training_lowers_the_denoising_loss_on_the_reference(models):
     assert after < before, (before, after)
 
 
+def _spread(identity, base) -> dict[str, tuple[float, float, float]]:
+    """Per encoder: (mean distance moved from the init word, largest distance between two stages' k tokens,
+    mean distance between k_s and v_s)."""
+    out = {}
+    for enc in identity.k:
+        k, v = identity.k[enc], identity.v[enc]
+        moved = (torch.cat([k, v]) - base[enc]).norm(dim=-1).mean().item()
+        stages = (k[:, None] - k[None]).norm(dim=-1).max().item()
+        out[enc] = (moved, stages, (k - v).norm(dim=-1).mean().item())
+    return out
+
+
+def test_learned_per_stage_k_and_v_tokens_do_not_collapse_to_one_token(models):
+    """The paper's second idea: after training with the defaults, the stages' tokens and the K and V tokens differ
+    by a material fraction of how far they moved from the init word (the version-1 generator: 3.5e-4 of it)."""
+    result, backend, _ = _train(models, steps=20, seed=0)
+    for enc, (moved, stages, kv) in _spread(result.identity, backend.base_vectors()).items():
+        print(f"{backend.family} {enc}: moved {moved:.4f}, stage spread {stages:.4f}, k-v {kv:.4f}")
+        assert moved > 0.05, (enc, moved)
+        assert stages > 0.25 * moved and kv > 0.25 * moved, (enc, moved, stages, kv)
+
+
 def test_attention_loss_moves_identity_maps_toward_the_reference(models):
     plain, backend, reference = _train(models, steps=8, attn_lambda=0.0, seed=0)
     guided, _, _ = _train(models, steps=8, attn_lambda=1000.0, seed=0)
