@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.identity import Identity
+from ..core.identity import Identity, norm_report
 from ..core.settings import TrainSettings
 from ..core.stages import stage_timestep_range
 from .backend import ComfyTrainingBackend
+from .text import detect_family, word_embedding
 
 
 def _colorize(m: torch.Tensor) -> torch.Tensor:
@@ -19,9 +20,10 @@ def _colorize(m: torch.Tensor) -> torch.Tensor:
 
 
 def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Identity, seed: int = 0,
-                      overlay: float = 0.5) -> torch.Tensor:
+                      overlay: float = 0.5) -> tuple[torch.Tensor, str]:
     """IMAGE (S,R,R,3): the placeholder token's attention, averaged over heads and the loss layers,
-    at the middle timestep of each stage, over the (1,3,R,R) reference."""
+    at the middle timestep of each stage, over the (1,3,R,R) reference; and the token-norm report."""
+    identity.check_family(detect_family(clip, model))
     trained = identity.training
     settings = TrainSettings(placeholder=identity.placeholder, init_word=identity.init_word,
                              reference_prompt=trained.get("reference_prompt", TrainSettings.reference_prompt),
@@ -46,4 +48,4 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
             image = reference[0].permute(1, 2, 0).cpu()
             frames.append((1 - overlay) * image + overlay * _colorize(heat))
-    return torch.stack(frames).clamp(0, 1)
+    return torch.stack(frames).clamp(0, 1), norm_report(identity, word_embedding(clip, identity.init_word))

@@ -10,9 +10,11 @@ class IDAttentionHeatmap:
     DESCRIPTION = ("Heat maps of the identity token's cross-attention over the photo, one image per stage "
                    "(early/layout stage last). A good identity attends to the face, not the background.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("heatmaps",)
-    OUTPUT_TOOLTIPS = ("One overlay per stage (stage 0 = detail, last = layout).",)
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("heatmaps", "token_norms")
+    OUTPUT_TOOLTIPS = ("One overlay per stage (stage 0 = detail, last = layout).",
+                       "Each stage's k/v token norm relative to the init word's: far above 1 means an over-strong "
+                       "identity (lower its strength in 'ID Embedding Options').")
     FUNCTION = "render"
 
     @classmethod
@@ -31,4 +33,5 @@ class IDAttentionHeatmap:
 
     def render(self, model, clip, vae, image, identity, resolution, seed):
         reference, _ = prepare_reference(image, None, resolution)
-        return (identity_heatmaps(model, clip, vae, reference, identity, seed=seed),)
+        maps, report = identity_heatmaps(model, clip, vae, reference, identity, seed=seed)
+        return {"ui": {"text": [report]}, "result": (maps, report)}

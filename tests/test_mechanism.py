@@ -315,16 +315,34 @@ def test_gradient_checkpointing_keeps_far_less_for_backward_and_trains_identical
     assert all(p.is_inference() for p in model.model.parameters())
 
 
-def test_heatmap_node_gives_one_overlay_per_stage(models):
+def test_heatmap_node_shows_each_stages_own_tokens_for_a_trained_identity_and_reports_norms(models):
+    """For a trained identity every stage's map comes from that stage's own tokens: giving each stage its neighbour's
+    tokens changes every stage's picture (with collapsed tokens it would change nothing). The second output reports
+    the token norms against the init word's."""
+    import dataclasses
+
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 
     model, clip, vae = models
-    ident = random_identity(clip)
-    ident.training = {"layers": "auto"}
+    ident = _train(models, steps=20, seed=0)[0].identity
+    rolled = dataclasses.replace(ident, k={e: t.roll(1, 0) for e, t in ident.k.items()},
+                                 v={e: t.roll(1, 0) for e, t in ident.v.items()})
     with torch.inference_mode():
-        maps, = IDAttentionHeatmap().render(model, clip, vae, photo(), ident, 64, 0)
+        out = IDAttentionHeatmap().render(model, clip, vae, photo(), ident, 64, 0)
+        maps, report = out["result"]
+        maps_rolled, _ = IDAttentionHeatmap().render(model, clip, vae, photo(), rolled, 64, 0)["result"]
     assert maps.shape == (5, 64, 64, 3) and 0 <= maps.min() and maps.max() <= 1
-    assert not torch.allclose(maps[0], maps[-1])  # stages use different tokens -> different maps
+    assert [(maps[s] - maps_rolled[s]).abs().max().item() > 0.02 for s in range(5)] == [True] * 5
+    assert out["ui"]["text"] == [report]
+    for enc in ident.k:
+        ratios = (ident.k[enc].norm(dim=-1) / clip_word_norm(clip, enc)).tolist()
+        assert f"{enc}: |init word 'person'|" in report and ", ".join(f"{r:.2f}" for r in ratios) in report
+
+
+def clip_word_norm(clip, enc: str) -> float:
+    """|e| of 'person' read straight from the host's word-embedding table."""
+    token = clip.tokenize("person")["l" if enc == "clip_l" else "g"][0][1][0]
+    return getattr(clip.cond_stage_model, enc).transformer.get_input_embeddings().weight[token].float().norm().item()
 
 
 def test_mask_restricts_what_the_identity_learns(models):
