@@ -8,6 +8,13 @@ import uuid
 
 import torch
 
+# float32 results of the same computation batched differently, or on another CPU / thread count: relative + absolute
+CLOSE = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, **CLOSE)
+
 
 def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
     """Tokens drawn from the real vocabulary rows, per encoder, different for every stage and for K/V."""

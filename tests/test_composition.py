@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import attn2_probe, expected_stage, random_identity, sample
+from helpers import CLOSE, attn2_probe, close, expected_stage, random_identity, sample
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
@@ -46,8 +46,8 @@ def test_two_identities_reach_cross_attention_at_their_own_positions_and_stages(
         for chunk, kind in enumerate(cond_or_uncond):
             if kind == 0:
                 for r in range(rows):
-                    assert torch.allclose(context[chunk * rows + r], expect["k"][stage[r]], atol=1e-6)
-                    assert torch.allclose(value[chunk * rows + r], expect["v"][stage[r]], atol=1e-6)
+                    torch.testing.assert_close(context[chunk * rows + r], expect["k"][stage[r]], **CLOSE)
+                    torch.testing.assert_close(value[chunk * rows + r], expect["v"][stage[r]], **CLOSE)
                     checked += 1
     assert checked > 0
 
@@ -235,7 +235,8 @@ def test_placeholders_the_tokenizer_splits_still_get_one_identity_row(sd1, place
         ck, *_ = build_stage_contexts(clip, f"a photo of {placeholder} at the beach", [ident])
     assert ck.shape == (5, 77, 768)
     # same token count as the one-token word: the placeholder occupies exactly one row
-    assert torch.allclose(ck[0][:4], plain[0][:4], atol=1e-5) and not torch.allclose(ck[0][4], plain[0][4])
+    torch.testing.assert_close(ck[0][:4], plain[0][:4], **CLOSE)
+    assert not close(ck[0][4], plain[0][4])
 
 
 @pytest.mark.parametrize("how", ["concat_ours_first", "concat_ours_second", "combine"])
@@ -272,8 +273,8 @@ def test_identity_survives_conditioning_concat_and_combine(sd1, how):
                 k_blocks = context[chunk * rows + r].split(77)
                 v_blocks = value[chunk * rows + r].split(77)
                 for kb, vb in zip(k_blocks, v_blocks):
-                    if torch.allclose(kb, ck[stage[r]], atol=1e-6):
-                        assert torch.allclose(vb, cv[stage[r]], atol=1e-6)
+                    if close(kb, ck[stage[r]]):
+                        torch.testing.assert_close(vb, cv[stage[r]], **CLOSE)
                         found_ours += 1
                     else:  # the other prompt passes untouched
                         assert torch.equal(kb, other_ctx) and torch.equal(vb, other_ctx)

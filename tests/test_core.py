@@ -498,3 +498,19 @@ def test_damaged_metadata_is_refused_naming_the_file_and_the_field(tmp_path, key
     with pytest.raises(SeFiError, match=match) as err:
         load_identity(path)
     assert "'damaged.safetensors'" in str(err.value)
+
+
+def test_augmentation_moves_the_mask_with_the_image_and_the_seed_fixes_it():
+    from sefi_ide.core.augment import augment, make_augmenter
+    from sefi_ide.core.settings import TrainSettings
+
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(4, 1, 32, 32, generator=g) > 0.5).float()
+    image = mask.expand(-1, 3, -1, -1).clone()  # the image is the mask: geometry must keep them equal
+    geometric = make_augmenter(TrainSettings(color_jitter=0.0, flip_p=0.5, scale_min=0.8, scale_max=1.2))
+    out_image, out_mask = augment(geometric, image, mask, seed=5)
+    assert not torch.equal(out_mask, mask)  # something moved
+    torch.testing.assert_close(out_image, out_mask.expand(-1, 3, -1, -1))
+    again_image, again_mask = augment(geometric, image, mask, seed=5)
+    assert torch.equal(again_image, out_image) and torch.equal(again_mask, out_mask)
+    assert not torch.equal(augment(geometric, image, mask, seed=6)[1], out_mask)

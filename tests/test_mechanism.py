@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import attn2_probe, expected_stage, photo, random_identity, sample, state_hash
+from helpers import CLOSE, attn2_probe, expected_stage, photo, random_identity, sample, state_hash
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
@@ -39,8 +39,8 @@ def test_each_step_gets_k_and_v_contexts_of_its_stage(models, sampler, scheduler
             for r in range(rows):
                 k_row, v_row = context[chunk * rows + r], value[chunk * rows + r]
                 if kind == 0:  # positive: the stage's C^K and C^V, and they differ
-                    assert torch.allclose(k_row, ck[stage[r]], atol=1e-6)
-                    assert torch.allclose(v_row, cv[stage[r]], atol=1e-6)
+                    torch.testing.assert_close(k_row, ck[stage[r]], **CLOSE)
+                    torch.testing.assert_close(v_row, cv[stage[r]], **CLOSE)
                     stages_seen.add(stage[r])
                 else:  # negative: untouched
                     assert torch.equal(k_row, neg) and torch.equal(v_row, neg)
@@ -231,9 +231,9 @@ def test_reference_rows_in_the_target_batch_give_the_same_maps_and_noise(models)
                                                   torch.cat([ref_ctx, ctx[:1]]), torch.cat([ref_ctx, ctx[1:]]),
                                                   capture=True, pooled=both)
     assert not torch.allclose(eps_ref, eps_tgt, atol=1e-4)  # the two halves really differ
-    assert torch.allclose(eps_all, torch.cat([eps_ref, eps_tgt]), atol=1e-5)
+    torch.testing.assert_close(eps_all, torch.cat([eps_ref, eps_tgt]), **CLOSE)
     for joint, ref, tgt in zip(maps_all, maps_ref, maps_tgt, strict=True):
-        assert torch.allclose(joint, torch.cat([ref, tgt]), atol=1e-5)
+        torch.testing.assert_close(joint, torch.cat([ref, tgt]), **CLOSE)
 
 
 def test_training_with_the_reference_in_the_target_batch_takes_the_same_steps(sd1):
@@ -366,8 +366,8 @@ def test_sdxl_conditioning_carries_the_k_path_middle_stage_context_and_pooled(sd
         ctx_k, pooled_k = encode_variants(clip, [inject(marked, {"<alice>": {e: ident.k[e][2] for e in ident.k}})])
         _, pooled_v = encode_variants(clip, [inject(marked, {"<alice>": {e: ident.v[e][2] for e in ident.v}})])
     assert positive[0][0].shape == (1, 77, 2048)
-    assert torch.allclose(positive[0][0][0], ctx_k[0], atol=1e-6)
-    assert torch.allclose(positive[0][1]["pooled_output"], pooled_k, atol=1e-6)
+    torch.testing.assert_close(positive[0][0][0], ctx_k[0], **CLOSE)
+    torch.testing.assert_close(positive[0][1]["pooled_output"], pooled_k, **CLOSE)
     assert not torch.allclose(pooled_k, pooled_v)
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import photo
+from helpers import CLOSE, photo
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
 STAGES = 5
 REFERENCE_TEXT = "a photo of the face of person"
-CLOSE = {"rtol": 1e-4, "atol": 1e-4}  # float32 through different batchings of the same text encoder / UNet
 
 
 @pytest.fixture(params=["sd1", "sdxl"])
