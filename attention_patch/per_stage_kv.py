@@ -80,9 +80,10 @@ class PerStageKVPatch:
         """A region mask handed to the previous layer and never taken: that layer's attention call did not go through
         the host's `optimized_attention_override` (another pack replaced it without passing transformer_options), so
         the identity was not confined there. Logged once per new set of such layers, naming them."""
-        if self.region_attention.pending is not None and self._layer is not None:
+        attention = self.region_attention
+        if (attention.pending is not None or attention.missed) and self._layer is not None:
             self.unmasked_layers.add(self._layer)
-        self.region_attention.pending = None
+        attention.pending, attention.missed = None, False
         if new_pass and len(self.unmasked_layers) > self._reported:
             self._reported = len(self.unmasked_layers)
             log.warning("SeFi-IDE: the region mask of an identity was not applied at cross-attention layer(s) %s: "

@@ -17,6 +17,9 @@ class RegionAttention:
     def __init__(self, previous=None):
         self.previous = previous
         self.pending: torch.Tensor | None = None  # (rows, HW, tokens) additive mask for the next attn2 call
+        # a pending mask reached a call it does not fit (the next block's self-attention): the cross-attention it
+        # was meant for did not come through this override
+        self.missed = False
 
     def __call__(self, func, q, k, v, heads, *args, mask=None, **kwargs):
         pending, self.pending = self.pending, None
@@ -24,6 +27,8 @@ class RegionAttention:
                 and q.shape[0] == pending.shape[0]:
             pending = pending.to(device=q.device, dtype=q.dtype)
             mask = pending if mask is None else mask + pending
+        elif pending is not None:
+            self.missed = True
         if self.previous is not None:
             return self.previous(func, q, k, v, heads, *args, mask=mask, **kwargs)
         return func(q, k, v, heads, *args, mask=mask, **kwargs)

@@ -146,16 +146,50 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
     }
     if include_generator and identity.generator_state:
         metadata["generator_version"] = str(identity.generator_version)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:20]}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         _write_safetensors(tmp, _tensors(identity, include_generator), metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() creates the host's own files (mkstemp gives 0600)
         os.replace(tmp, path)
+    except OSError as exc:  # the message names the file, never the server's folders
+        raise SeFiError(f"Could not save '{path.name}': {exc.strerror or exc}. Check the disk and the name.") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without setting it where the OS allows (os.umask() sets it for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+MAX_NAME_CHARS = 200  # file systems allow 255 bytes per name; leave room for the temp-file prefix and suffix
+
+
+def identity_file_name(filename: str) -> str:
+    """A user's file name -> 'name.safetensors', refusing names that would be hidden, empty or too long."""
+    name = filename.strip()
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    leaf = stem.replace("\\", "/").rsplit("/", 1)[-1]
+    if not leaf.strip() or leaf.startswith("."):
+        raise SeFiError(f"The file name {filename!r} is empty or starts with a dot (a hidden file that 'Load ID "
+                        f"Embedding' would never list). Enter a name such as 'alice'.")
+    if len(leaf.encode()) > MAX_NAME_CHARS:
+        raise SeFiError(f"The file name is {len(leaf.encode())} bytes long; use at most {MAX_NAME_CHARS}.")
+    return stem + ".safetensors"
 
 
 def validate_identity(identity: Identity, where: str) -> None:

@@ -67,6 +67,16 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     return contexts[:S], contexts[S:], contexts[mid], pooled, marked
 
 
+def check_region_support() -> None:
+    """Region masks reach the host's attention kernel through `optimized_attention_override` (ComfyUI 0.3.60+);
+    an older host would ignore it and the identity would appear everywhere."""
+    import comfy.ldm.modules.attention
+
+    if not hasattr(comfy.ldm.modules.attention, "wrap_attn"):
+        raise SeFiError("Region masks need ComfyUI 0.3.60 or newer (this ComfyUI has no attention override). Update "
+                        "ComfyUI, or disconnect the mask from 'ID Embedding Options'.")
+
+
 def apply_identities(model, clip, text: str, identities: list[Identity]):
     """A clone of `model` with the per-stage K/V patch, and the CONDITIONING to sample with."""
     family = detect_family(clip, model)
@@ -76,6 +86,7 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     patched = model.clone()
     regions = region_attention = None
     if any(ident.region is not None for ident in identities):
+        check_region_support()
         # token columns per identity within one prompt block (chunk·77 + index; same for CLIP-L and -G)
         columns = [[c * 77 + i for c, i in marked.positions[ident.placeholder]["l"]] for ident in identities]
         regions = RegionBias(columns, [ident.region for ident in identities], marked.num_tokens())

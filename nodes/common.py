@@ -1,7 +1,10 @@
 """Shared bits of the node classes: the identity type, the identities folder, progress and cancel."""
 from __future__ import annotations
 
+import math
 import os
+
+from ..core.errors import SeFiError
 
 IDENTITY = "SEFI_IDENTITY"
 CATEGORY = "SeFi-IDE"
@@ -21,6 +24,13 @@ def identity_folder() -> str:
 
     register_identity_folder()
     return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def require_finite(**values: float) -> None:
+    """FLOAT inputs: the API can send NaN or infinity, which pass the host's min/max check."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise SeFiError(f"'{name}' is {value}; enter a finite number.")
 
 
 def progress_callback(total: int):

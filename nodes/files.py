@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..core.errors import SeFiError
-from ..core.identity import load_identity, safe_child_path, save_identity
+from ..core.identity import identity_file_name, load_identity, safe_child_path, save_identity
 from .common import CATEGORY, FOLDER, IDENTITY, identity_folder, register_identity_folder
 
 
@@ -26,10 +26,7 @@ class SaveIDEmbedding:
         }}
 
     def save(self, identity, filename, overwrite, include_generator):
-        name = filename.strip()
-        if not name.endswith(".safetensors"):
-            name += ".safetensors"
-        path = safe_child_path(identity_folder(), name)
+        path = safe_child_path(identity_folder(), identity_file_name(filename))
         save_identity(identity, path, overwrite=overwrite, include_generator=include_generator)
         return {"ui": {"text": [path.name]}, "result": ()}
 

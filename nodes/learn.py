@@ -13,7 +13,7 @@ from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
 from ..host.text import detect_family
-from .common import CATEGORY, IDENTITY, identity_folder, progress_callback
+from .common import CATEGORY, IDENTITY, identity_folder, progress_callback, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ def _save_stopped_state(stopped: TrainingStopped, settings: TrainSettings) -> st
 
 
 def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
-    settings = settings.with_family_resolution(detect_family(clip, model))
+    family = detect_family(clip, model)
+    if resume is not None:
+        resume.check_family(family)
+    settings = settings.with_family_resolution(family)
     reference, ref_mask = prepare_reference(image, mask, settings.resolution)
     with training_scope():
         backend = ComfyTrainingBackend(model, clip, vae, settings)
@@ -139,6 +142,8 @@ class FaceAttentionLossTrainer:
     def train(self, model, clip, vae, image, placeholder, steps, seed, init_word, reference_prompt, attn_lambda,
               token_option, layers, stages, kv_split, lr, resolution, color_jitter, flip_p, scale_min, scale_max,
               batch_size, mask=None, resume_from=None, gradient_checkpointing=False):
+        require_finite(attn_lambda=attn_lambda, lr=lr, color_jitter=color_jitter, flip_p=flip_p, scale_min=scale_min,
+                       scale_max=scale_max)
         settings = TrainSettings(
             steps=steps, seed=seed, lr=lr, attn_lambda=attn_lambda, token_option=TOKEN_OPTIONS[token_option],
             num_stages=stages, kv_split=kv_split, placeholder=placeholder.strip(), init_word=init_word.strip(),

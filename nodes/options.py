@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.errors import SeFiError
-from .common import CATEGORY, IDENTITY
+from .common import CATEGORY, IDENTITY, require_finite
 
 
 class IDEmbeddingOptions:
@@ -32,6 +32,7 @@ class IDEmbeddingOptions:
         }
 
     def configure(self, identity, strength, mask=None):
+        require_finite(strength=strength)
         region = None
         if mask is not None:
             if mask.ndim == 3:

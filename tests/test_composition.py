@@ -280,3 +280,75 @@ def test_identity_survives_conditioning_concat_and_combine(sd1, how):
                         assert torch.equal(kb, other_ctx) and torch.equal(vb, other_ctx)
                         found_other += 1
     assert found_ours > 0 and found_other > 0
+
+
+class SamplerKeysAttentionReplace:
+    """An attn2 replacement that reads transformer_options exactly as ComfyUI_IPAdapter_plus's CrossAttentionPatch
+    does (cond_or_uncond, sigmas[0], the per-prompt batch, original_shape) and, like it, calls the host's attention
+    without passing transformer_options."""
+
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        cond_or_uncond = extra_options["cond_or_uncond"]
+        sigma = extra_options["sigmas"][0].item() if "sigmas" in extra_options else 999999999.9
+        batch_prompt = q.shape[0] // len(cond_or_uncond)
+        _, _, oh, ow = extra_options["original_shape"]
+        self.seen.append((q.shape[0], list(cond_or_uncond), len(extra_options["uuids"]), batch_prompt, sigma))
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+
+def _with_attention_replaced_everywhere(model):
+    from sefi_ide.attention_patch.layers import cross_attention_layers
+
+    patch = SamplerKeysAttentionReplace()
+    patched = model.clone()
+    layers = cross_attention_layers(model.model.diffusion_model)
+    for layer in layers:
+        patched.set_model_attn2_replace(patch, *layer.key)
+    return patched, patch, layers
+
+
+def test_learning_and_heatmaps_run_on_a_model_whose_attention_patch_reads_the_samplers_keys(models, caplog):
+    """Both trainer nodes and the heat map give the host's UNet the transformer_options a sampler gives, so a patch
+    written for sampling (IPAdapter_plus style) runs during learning; where our map capture takes over a loss layer
+    it is logged."""
+    from helpers import photo
+    from sefi_ide.nodes.heatmap import IDAttentionHeatmap
+    from sefi_ide.nodes.learn import FaceAttentionLossTrainer, LearnIDEmbedding
+
+    model, clip, vae = models
+    patched, patch, layers = _with_attention_replaced_everywhere(model)
+    with torch.inference_mode():
+        LearnIDEmbedding().learn(patched, clip, vae, photo(), "<alice>", 1, 0)
+        ident = FaceAttentionLossTrainer().train(
+            patched, clip, vae, photo(), "<alice>", 1, 0, "person", "a photo of the face of {word}", 0.003,
+            "3: all 77 token maps (paper's best)", "all", 5, True, 0.005, 64, 0.0, 0.0, 1.0, 1.0, 2)[0]
+        IDAttentionHeatmap().render(patched, clip, vae, photo(), ident, 64, 0)
+    assert patch.seen
+    for rows, cond_or_uncond, uuids, per_prompt, sigma in patch.seen:
+        assert cond_or_uncond and set(cond_or_uncond) == {0} and uuids == len(cond_or_uncond)
+        assert per_prompt * len(cond_or_uncond) == rows and sigma > 0
+    assert "attention maps there are computed without it" in caplog.text
+
+
+def test_a_region_mask_that_another_packs_attention_drops_is_logged_naming_the_layers(sd1, caplog):
+    import dataclasses
+
+    from sefi_ide.host.conditioning import apply_identities
+
+    model, clip, _ = sd1
+    patched, patch, layers = _with_attention_replaced_everywhere(model)
+    left = torch.zeros(64, 64)
+    left[:, :32] = 1.0
+    ident = dataclasses.replace(random_identity(clip, placeholder="<alice>"), region=left)
+    with torch.inference_mode():
+        m, positive = apply_identities(patched, clip, "a photo of <alice> at the beach", [ident])
+    sample(m, clip, positive, steps=2)
+    warning = next(r.getMessage() for r in caplog.records if "region mask" in r.getMessage())
+    for layer in layers:
+        assert layer.name in warning
+    assert len([r for r in caplog.records if "region mask" in r.getMessage()]) == 1  # once, not per step

@@ -1,6 +1,9 @@
 """Failures never corrupt files, mutate the loaded models, or leave the host's grad mode changed."""
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 from helpers import photo, random_identity, sample, state_hash
@@ -62,7 +65,79 @@ def test_an_interrupted_save_keeps_the_old_file_and_leaves_no_partial_file(tmp_p
         raise OSError("disk full")
 
     monkeypatch.setattr(identity_module, "_write_safetensors", crash_midway)
-    with pytest.raises(OSError):
+    with pytest.raises(SeFiError, match="Could not save 'alice.safetensors': disk full"):
         identity_module.save_identity(ident, random_identity_file, overwrite=True)
     assert old.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["alice.safetensors"]
+
+
+@pytest.fixture
+def identities_folder(tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "sefi_identities", ([str(tmp_path)], {".safetensors"}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("filename,match", [
+    ("   ", "empty or starts with a dot"),
+    (".safetensors", "empty or starts with a dot"),
+    (" sub/.safetensors ", "empty or starts with a dot"),
+    ("x" * 300, "300 bytes long; use at most 200"),
+])
+def test_save_refuses_blank_hidden_and_too_long_names_without_showing_server_paths(sd1, identities_folder, filename,
+                                                                                    match):
+    from sefi_ide.nodes.files import SaveIDEmbedding
+
+    ident = random_identity(sd1[1])
+    with pytest.raises(SeFiError, match=match) as err:
+        SaveIDEmbedding().save(ident, filename, False, False)
+    assert str(identities_folder) not in str(err.value)
+    assert not list(identities_folder.rglob("*"))
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664)])
+def test_saved_identity_files_get_the_hosts_permissions(sd1, identities_folder, umask, mode):
+    from sefi_ide.nodes.files import SaveIDEmbedding
+
+    old = os.umask(umask)
+    try:
+        SaveIDEmbedding().save(random_identity(sd1[1]), "alice", False, False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((identities_folder / "alice.safetensors").stat().st_mode) == mode
+
+
+@pytest.mark.parametrize("name", ["attn_lambda", "lr", "color_jitter", "flip_p", "scale_min", "scale_max", "strength"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_float_inputs_are_refused_naming_the_input(sd1, name, value):
+    from sefi_ide.nodes.learn import FaceAttentionLossTrainer
+    from sefi_ide.nodes.options import IDEmbeddingOptions
+
+    model, clip, vae = sd1
+    with pytest.raises(SeFiError, match=f"'{name}' is {value}"):
+        if name == "strength":
+            IDEmbeddingOptions().configure(random_identity(clip), value)
+        else:
+            args = {"attn_lambda": 0.003, "lr": 0.005, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8,
+                    "scale_max": 1.2, name: value}
+            FaceAttentionLossTrainer().train(model, clip, vae, photo(), "<alice>", 2, 0, "person",
+                                             "a photo of the face of {word}", args["attn_lambda"],
+                                             "3: all 77 token maps (paper's best)", "auto", 5, True, args["lr"], 64,
+                                             args["color_jitter"], args["flip_p"], args["scale_min"],
+                                             args["scale_max"], 1)
+
+
+def test_an_identity_of_the_other_family_is_refused_by_the_heatmap_and_as_resume_from(sd1, sdxl):
+    from sefi_ide.nodes.heatmap import IDAttentionHeatmap
+    from sefi_ide.nodes.learn import FaceAttentionLossTrainer
+
+    model, clip, vae = sd1
+    xl_identity = random_identity(sdxl[1])
+    message = "SDXL but the model is Stable Diffusion 1.x"
+    with pytest.raises(SeFiError, match=message), torch.inference_mode():
+        IDAttentionHeatmap().render(model, clip, vae, photo(), xl_identity, 64, 0)
+    with pytest.raises(SeFiError, match=message), torch.inference_mode():
+        FaceAttentionLossTrainer().train(model, clip, vae, photo(), "<alice>", 2, 0, "person",
+                                         "a photo of the face of {word}", 0.003, "3: all 77 token maps (paper's best)",
+                                         "auto", 5, True, 0.005, 64, 0.2, 0.5, 0.8, 1.2, 1, resume_from=xl_identity)
