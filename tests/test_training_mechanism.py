@@ -5,7 +5,7 @@ a wrong noise level or a wrong λ; these probes can.
 Probes are plain PyTorch module hooks on the host's modules: what the UNet receives (input latent, timestep) and
 returns (ε prediction), and what every cross-attention layer's to_k / to_v projections receive (the K and V
 contexts). Expected values are computed independently: the seeded t/ε draws, ComfyUI's own noise scaling, and the
-host's own text encoding with the token injected the way HOST_NOTES-style embeddings are (a tensor in the tokens).
+host's own text encoding with the token injected as ComfyUI injects embeddings (a tensor in place of a token id).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seeded tiny checkpoints that ComfyUI's own loaders accept (see shared/HOST_NOTES.md).
+"""Seeded tiny checkpoints that ComfyUI's own loaders accept (see CONTRIBUTING.md).
 
 SD1 family: a shallow UNet with SD1's widths (model_channels 320, context 768), plus a full
 CLIP-L and the standard SD VAE (ComfyUI leaves unloaded weights uninitialised, so every tensor
