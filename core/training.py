@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -43,15 +43,18 @@ class TrainingBackend(Protocol):
 class TrainResult:
     identity: Identity
     history: list[dict] = field(default_factory=list)
+    error: SeFiError | None = None  # set when this identity diverged: `identity` is its last good state
 
 
 class TrainingStopped(Exception):
-    """Training ended before its last step; `partial` holds the last good state, resumable exactly."""
+    """Training ended before its last step; `partials` hold each identity's last good state, resumable exactly
+    (`partial`: the first, for one identity)."""
 
-    def __init__(self, cause: BaseException, partial: TrainResult):
+    def __init__(self, cause: BaseException, partials: list[TrainResult]):
         super().__init__(str(cause))
         self.cause = cause
-        self.partial = partial
+        self.partials = partials
+        self.partial = partials[0]
 
 
 def _optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
@@ -102,6 +105,104 @@ def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings,
     return gens
 
 
+@dataclass
+class IdentityJob:
+    """One identity to learn: its photo (1,3,R,R in [0,1]), optional mask (1,1,R,R), settings and resume state.
+    Jobs learned together may differ only in seed and placeholder (they share the UNet batch)."""
+
+    image: torch.Tensor
+    settings: TrainSettings
+    mask: torch.Tensor | None = None
+    resume: Identity | None = None
+
+
+@dataclass
+class _Learner:
+    """The per-identity state of a run: its own generators, Adam, loss scale, seeded t/ε stream and history."""
+
+    job: IdentityJob
+    generators: dict[str, TokenGenerator]
+    names: dict[torch.nn.Parameter, str]
+    optimizer: torch.optim.Adam
+    loss_scale: LossScale
+    augmenter: torch.nn.Module
+    rng: torch.Generator
+    base: dict[str, torch.Tensor]
+    start: int
+    family: str
+    history: list[dict] = field(default_factory=list)
+    error: SeFiError | None = None  # diverged: it stopped at its last good state, the others go on
+
+    def result(self) -> TrainResult:
+        s = self.job.settings
+        done = self.start + len(self.history)  # a step is recorded only after its optimizer update
+        identity = _finish(self.generators, self.optimizer, self.names, self.loss_scale, self.base, s, self.job.image,
+                           self.family, done)
+        return TrainResult(identity, self.history, self.error)
+
+
+def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
+    settings, resume = job.settings, job.resume
+    settings.validate()
+    generators = _build_generators(backend.base_vectors(), settings, resume)
+    names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
+    optimizer = torch.optim.Adam(list(names), lr=settings.lr)
+    loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
+    rng = torch.Generator().manual_seed(settings.seed)
+    start = 0
+    if resume is not None and resume.optimizer_state:
+        # exact continuation: Adam moments restored, and the same t/ε stream fast-forwarded
+        start = resume.trained_steps
+        if start >= settings.steps:
+            raise SeFiError(f"The identity to resume was already trained for {start} steps; set steps above that.")
+        _load_optimizer_state(optimizer, names, resume.optimizer_state)
+        loss_scale.load(resume.optimizer_state.get(LOSS_SCALE_KEY))
+    latent_side = settings.resolution // 8
+    for _ in range(start):
+        torch.randint(0, 1000, (settings.batch_size,), generator=rng)
+        torch.randn((settings.batch_size, 4, latent_side, latent_side), generator=rng)
+    return _Learner(job, generators, names, optimizer, loss_scale, make_augmenter(settings), rng,
+                    {enc: gen.base.detach().clone() for enc, gen in generators.items()}, start, backend.family)
+
+
+def _shared(settings: TrainSettings) -> TrainSettings:
+    return replace(settings, seed=0, placeholder="")
+
+
+def train_identities(
+    backend: TrainingBackend,
+    jobs: list[IdentityJob],
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> list[TrainResult]:
+    """Learn several identities in one loop: every UNet and text-encoder pass carries all of them in one batch,
+    each keeps its own generator, Adam, seed and losses (a result equals the same identity learned alone, to float
+    tolerance). An identity whose loss or gradients diverge stops at its last good state (its result's `error`)
+    while the others go on. Cancel (an exception from `on_step`) raises TrainingStopped with every identity's last
+    good, exactly resumable state."""
+    if not jobs:
+        raise SeFiError("No identity to learn.")
+    first = jobs[0].settings
+    if any(_shared(j.settings) != _shared(first) for j in jobs):
+        raise SeFiError("Identities learned together must share every setting except seed and placeholder.")
+    learners = [_learner(backend, job) for job in jobs]
+    if len({L.start for L in learners}) != 1:
+        raise SeFiError("Identities learned together must resume from the same step; resume them one by one.")
+    with torch.no_grad():
+        ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
+    try:
+        for step in range(learners[0].start, first.steps):
+            active = [L for L in learners if L.error is None]
+            if not active:
+                break
+            records = _train_step(backend, active, ref_context, ref_pooled, step)
+            if on_step is not None:
+                on_step(step + 1, first.steps, records[0] if len(jobs) == 1 else {"step": step + 1,
+                                                                                  "identities": records})
+    except Exception as exc:  # cancel: hand back every identity's last good state, resumable exactly
+        raise TrainingStopped(exc, [L.result() for L in learners]) from exc
+    return [L.result() for L in learners]
+
+
 def train_identity(
     backend: TrainingBackend,
     image: torch.Tensor,
@@ -114,129 +215,152 @@ def train_identity(
 
     Raises TrainingStopped (with the last good, exactly resumable state) on cancel or divergence.
     """
-    settings.validate()
-    generators = _build_generators(backend.base_vectors(), settings, resume)
-    names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
-    optimizer = torch.optim.Adam(list(names), lr=settings.lr)
-    augmenter = make_augmenter(settings)
-    rng = torch.Generator().manual_seed(settings.seed)
-    loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
-    start = 0
-    if resume is not None and resume.optimizer_state:
-        # exact continuation: Adam moments restored, and the same t/ε stream fast-forwarded
-        start = resume.trained_steps
-        if start >= settings.steps:
-            raise SeFiError(f"The identity to resume was already trained for {start} steps; set steps above that.")
-        _load_optimizer_state(optimizer, names, resume.optimizer_state)
-        loss_scale.load(resume.optimizer_state.get(LOSS_SCALE_KEY))
-
-    with torch.no_grad():
-        ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
-        base = {enc: gen.base.clone() for enc, gen in generators.items()}
-
-    history: list[dict] = []
-    B = settings.batch_size
-    latent_side = settings.resolution // 8
-    for _ in range(start):
-        torch.randint(0, 1000, (B,), generator=rng)
-        torch.randn((B, 4, latent_side, latent_side), generator=rng)
-    try:
-        for step in range(start, settings.steps):
-            _train_step(backend, generators, optimizer, loss_scale, augmenter, rng, image, mask, ref_context,
-                        ref_pooled, settings, step, history, on_step)
-    except Exception as exc:  # cancel or divergence: hand back the last good state, resumable exactly
-        done = start + len(history)  # a step is recorded only after its optimizer update
-        raise TrainingStopped(exc, TrainResult(_finish(generators, optimizer, names, loss_scale, base, settings,
-                                                       image, backend.family, done), history)) from exc
-    return TrainResult(_finish(generators, optimizer, names, loss_scale, base, settings, image, backend.family,
-                               settings.steps), history)
+    (result,) = train_identities(backend, [IdentityJob(image, settings, mask, resume)], on_step)
+    if result.error is not None:
+        raise TrainingStopped(result.error, [result])
+    return result
 
 
-def _train_step(backend, generators, optimizer, loss_scale: LossScale, augmenter, rng, image, mask, ref_context,
-                ref_pooled, settings: TrainSettings, step: int, history: list[dict], on_step) -> None:
-    """One step: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam."""
-    S, B = settings.num_stages, settings.batch_size
+def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
+                ref_pooled: torch.Tensor | None, step: int) -> list[dict]:
+    """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam (each its own)."""
+    settings = learners[0].job.settings  # shared by all but seed and placeholder
+    S, B, N = settings.num_stages, settings.batch_size, len(learners)
     use_attn = settings.attn_lambda > 0
-    # data: augmented reference (and the mask through the same geometric transform)
-    images = image.expand(B, -1, -1, -1)
-    masks = mask.expand(B, -1, -1, -1) if mask is not None else None
-    images, masks = augment(augmenter, images, masks, seed=settings.seed * 1_000_003 + step)
+    # data: each identity's augmented reference (and mask through the same geometric transform), one VAE call
+    images, masks = [], []
+    for L in learners:
+        job = L.job
+        m = job.mask.expand(B, -1, -1, -1) if job.mask is not None else None
+        img, m = augment(L.augmenter, job.image.expand(B, -1, -1, -1), m, seed=job.settings.seed * 1_000_003 + step)
+        images.append(img)
+        masks.append(m)
     with torch.no_grad():
-        z0 = backend.latents(images)
-    latent_mask = backend.latent_mask(masks, z0.shape) if masks is not None else None
+        z0_all = backend.latents(torch.cat(images))
+    z0s = z0_all.split(B)
 
-    # noise: t ~ U{0..999}, ε ~ N(0, I)
-    t = torch.randint(0, 1000, (B,), generator=rng)
-    eps = torch.randn(z0.shape, generator=rng).to(z0)
-    stage = stage_of_timestep(t, S)
+    # noise: t ~ U{0..999}, ε ~ N(0, I), from each identity's own seeded stream
+    ts, epss = [], []
+    for L, z0 in zip(learners, z0s):
+        ts.append(torch.randint(0, 1000, (B,), generator=L.rng))
+        epss.append(torch.randn(z0.shape, generator=L.rng).to(z0))
+    t_all, eps_all = torch.cat(ts), torch.cat(epss)
+    stages = [stage_of_timestep(t, S) for t in ts]
 
-    # forward with the current stage's tokens: C^K_s from k_s, C^V_s from v_s
-    rows = {}
-    for enc, gen in generators.items():
-        k, v = gen()
-        rows[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
-    contexts, pooled = backend.target_contexts(rows)  # K rows first: SDXL's pooled comes from the K path
-    ctx_k, ctx_v = contexts[:B], contexts[B:]
-    ref_k = ref_context.expand(B, -1, -1)
+    # forward with each identity's current stage tokens: C^K_s from k_s, C^V_s from v_s
+    rows = []
+    for L, stage in zip(learners, stages):
+        r = {}
+        for enc, gen in L.generators.items():
+            k, v = gen()
+            r[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
+        rows.append(r)
+    if N == 1 or backend.family == "sd1":  # one text-encoder call (SD1 has no pooled output to keep apart)
+        contexts, pooled = backend.target_contexts({enc: torch.cat([r[enc] for r in rows]) for enc in rows[0]})
+        per_identity = contexts.split(2 * B)
+        pooled_rows = None if pooled is None else pooled.expand(B, -1)  # N == 1: K rows first, pooled from K
+    else:  # SDXL: each identity's pooled output comes from its own K token, so one call each
+        encoded = [backend.target_contexts(r) for r in rows]
+        per_identity = [c for c, _ in encoded]
+        pooled_rows = torch.cat([p.expand(B, -1) for _, p in encoded])
+    ctx_k = torch.cat([c[:B] for c in per_identity])
+    ctx_v = torch.cat([c[B:] for c in per_identity])
+    z0_rows = torch.cat(z0s)
+    ref_k = ref_context.expand(N * B, -1, -1)
 
     # A_ref: the reference context, same z_t and t, no gradient
-    ref_maps: list[torch.Tensor] = []
     in_batch = settings.reference_in_batch
     if in_batch is None:
         in_batch = backend.family == "sd1"
-    if use_attn and in_batch:  # one UNet pass of 2B rows: reference first, then target
-        both = _pair(ref_pooled, pooled, B)
-        eps_pred, maps = backend.predict_noise(torch.cat([z0, z0]), torch.cat([eps, eps]), torch.cat([t, t]),
-                                               torch.cat([ref_k, ctx_k]), torch.cat([ref_k, ctx_v]), capture=True,
-                                               pooled=both, chunks=2)
-        eps_pred = eps_pred[B:]
+    ref_maps: list[torch.Tensor] = []
+    if use_attn and in_batch:  # one UNet pass: all reference rows first, then all target rows
+        both = _pair(ref_pooled, pooled_rows, N * B)
+        eps_pred, maps = backend.predict_noise(torch.cat([z0_rows, z0_rows]), torch.cat([eps_all, eps_all]),
+                                               torch.cat([t_all, t_all]), torch.cat([ref_k, ctx_k]),
+                                               torch.cat([ref_k, ctx_v]), capture=True, pooled=both, chunks=2)
+        eps_pred = eps_pred[N * B:]
         half = maps[0].shape[0] // 2 if maps else 0  # maps are (rows·heads, HW, tokens), row-major
         ref_maps = [m[:half].detach() for m in maps]
         tgt_maps = [m[half:] for m in maps]
     else:
         if use_attn:
             with torch.no_grad():
-                _, ref_maps = backend.predict_noise(z0, eps, t, ref_k, ref_k, capture=True, pooled=ref_pooled)
-        eps_pred, tgt_maps = backend.predict_noise(z0, eps, t, ctx_k, ctx_v, capture=use_attn, pooled=pooled)
+                _, ref_maps = backend.predict_noise(z0_rows, eps_all, t_all, ref_k, ref_k, capture=True,
+                                                    pooled=_expand_pooled(ref_pooled, N * B))
+        eps_pred, tgt_maps = backend.predict_noise(z0_rows, eps_all, t_all, ctx_k, ctx_v, capture=use_attn,
+                                                   pooled=pooled_rows)
 
-    l_ldm = ldm_loss(eps, eps_pred, latent_mask)  # L_LDM
-    l_attn = (attention_loss(tgt_maps, ref_maps, settings.token_option, backend.placeholder_index,
-                             backend.eos_index) if use_attn else torch.zeros((), device=l_ldm.device))  # L_attn
-    loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
-    optimizer.zero_grad(set_to_none=True)
-    (loss * loss_scale.value if loss_scale.dynamic else loss).backward()  # scaled: fp16's range (loss_scale.py)
-    grads = [p.grad for g in generators.values() for p in g.parameters() if p.grad is not None]
-    # ONE host-device sync per step: the losses and the gradient check come back together
-    grads_finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-    loss_value, ldm_value, attn_value, grads_ok = torch.stack(
-        [loss.detach().float(), l_ldm.detach().float(), l_attn.detach().float().to(loss.device),
-         grads_finite.to(loss.device, torch.float32)]).tolist()
-    if not math.isfinite(loss_value):  # raised before the update: the state stays the last good one
-        raise SeFiError(f"Training diverged at step {step + 1}: the loss became {loss_value}. "
-                        f"Lower the learning rate or λ, or check the image.")
-    scale_used = loss_scale.value
-    take_step = loss_scale.update(bool(grads_ok))
-    if not grads_ok and (not loss_scale.dynamic or loss_scale.value < 1):
-        raise SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
-                        f"Lower the learning rate or λ, or check the image.")
+    # each identity's L = L_LDM + λ·L_attn on its own rows; one backward for all (their graphs do not meet)
+    losses, values = [], []
+    for i, L in enumerate(learners):
+        rows_i = slice(i * B, (i + 1) * B)
+        mask_i = backend.latent_mask(masks[i], z0s[i].shape) if masks[i] is not None else None
+        l_ldm = ldm_loss(epss[i], eps_pred[rows_i], mask_i)  # L_LDM
+        if use_attn:
+            heads = tgt_maps[0].shape[0] // (N * B)
+            maps_i = slice(i * B * heads, (i + 1) * B * heads)
+            l_attn = attention_loss([m[maps_i] for m in tgt_maps], [m[maps_i] for m in ref_maps],
+                                    settings.token_option, backend.placeholder_index, backend.eos_index)  # L_attn
+        else:
+            l_attn = torch.zeros((), device=l_ldm.device)
+        loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
+        losses.append(loss * L.loss_scale.value if L.loss_scale.dynamic else loss)  # fp16's range (loss_scale.py)
+        values.append((loss, l_ldm, l_attn))
+    for L in learners:
+        L.optimizer.zero_grad(set_to_none=True)
+    torch.stack(losses).sum().backward()
+
+    # ONE host-device sync per step: every identity's losses and gradient check come back together
+    checks = []
+    for L, (loss, l_ldm, l_attn) in zip(learners, values):
+        grads = [p.grad for g in L.generators.values() for p in g.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        checks.append(torch.stack([loss.detach().float(), l_ldm.detach().float(),
+                                   l_attn.detach().float().to(loss.device), finite.to(loss.device, torch.float32)]))
+    synced = torch.stack(checks).tolist()
+
+    records = []
+    for L, (loss_value, ldm_value, attn_value, grads_ok), t, stage in zip(learners, synced, ts, stages):
+        records.append(_update(L, step, loss_value, ldm_value, attn_value, bool(grads_ok), int(t[0]), int(stage[0])))
+    return records
+
+
+def _update(L: _Learner, step: int, loss_value: float, ldm_value: float, attn_value: float, grads_ok: bool,
+            t: int, stage: int) -> dict:
+    """Adam for one identity, or its divergence (raised before the update: its state stays the last good one)."""
+    record = {"step": step + 1, "loss": loss_value, "ldm": ldm_value, "attn": attn_value, "t": t, "stage": stage,
+              "placeholder": L.job.settings.placeholder}
+    if not math.isfinite(loss_value):
+        L.error = SeFiError(f"Training diverged at step {step + 1}: the loss became {loss_value}. "
+                            f"Lower the learning rate or λ, or check the image.")
+        return {**record, "diverged": True}
+    scale_used = L.loss_scale.value
+    take_step = L.loss_scale.update(grads_ok)
+    if not grads_ok and (not L.loss_scale.dynamic or L.loss_scale.value < 1):
+        L.error = SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
+                            f"Lower the learning rate or λ, or check the image.")
+        return {**record, "diverged": True}
     if take_step:
-        if loss_scale.dynamic:
-            for g in grads:
-                g.div_(scale_used)  # a power of two: exact
-        optimizer.step()
+        if L.loss_scale.dynamic:
+            for g in L.generators.values():
+                for p in g.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(scale_used)  # a power of two: exact
+        L.optimizer.step()
+    record.update(skipped=not take_step, loss_scale=scale_used)
+    L.history.append(record)
+    return record
 
-    record = {"step": step + 1, "loss": loss_value, "ldm": ldm_value, "attn": attn_value,
-              "t": int(t[0]), "stage": int(stage[0]), "skipped": not take_step, "loss_scale": scale_used}
-    history.append(record)
-    if on_step is not None:
-        on_step(step + 1, settings.steps, record)
+
+def _expand_pooled(pooled: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    return None if pooled is None else pooled.expand(rows, -1)
 
 
-def _pair(ref_pooled: torch.Tensor | None, pooled: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+def _pair(ref_pooled: torch.Tensor | None, pooled: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     """Pooled text rows for a reference+target batch (SDXL); None for families without one."""
     if pooled is None:
         return None
-    return torch.cat([ref_pooled.expand(batch, -1).to(pooled), pooled.expand(batch, -1)])
+    return torch.cat([ref_pooled.expand(rows, -1).to(pooled), pooled])
 
 
 def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, names: dict, loss_scale: LossScale,

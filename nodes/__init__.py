@@ -3,7 +3,7 @@ from .apply import ApplyPerStageIDTokens
 from .common import register_identity_folder
 from .files import LoadIDEmbedding, SaveIDEmbedding
 from .heatmap import IDAttentionHeatmap
-from .learn import FaceAttentionLossTrainer, LearnIDEmbedding
+from .learn import FaceAttentionLossTrainer, LearnIDEmbedding, LearnIDEmbeddingsBatch
 from .options import IDEmbeddingOptions
 
 register_identity_folder()
@@ -11,6 +11,7 @@ register_identity_folder()
 NODE_CLASS_MAPPINGS = {
     "LearnIDEmbedding": LearnIDEmbedding,
     "FaceAttentionLossTrainer": FaceAttentionLossTrainer,
+    "LearnIDEmbeddingsBatch": LearnIDEmbeddingsBatch,
     "ApplyPerStageIDTokens": ApplyPerStageIDTokens,
     "SaveIDEmbedding": SaveIDEmbedding,
     "LoadIDEmbedding": LoadIDEmbedding,
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LearnIDEmbedding": "Learn ID Embedding (SeFi-IDE)",
     "FaceAttentionLossTrainer": "Face Attention Loss Trainer (SeFi-IDE)",
+    "LearnIDEmbeddingsBatch": "Learn ID Embeddings, batch (SeFi-IDE)",
     "ApplyPerStageIDTokens": "Apply Per-Stage ID Tokens (SeFi-IDE)",
     "SaveIDEmbedding": "Save ID Embedding (SeFi-IDE)",
     "LoadIDEmbedding": "Load ID Embedding (SeFi-IDE)",

@@ -5,14 +5,14 @@ import logging
 import re
 
 from ..core.errors import SeFiError
-from ..core.identity import safe_child_path, save_identity
+from ..core.identity import Identity, identity_file_name, safe_child_path, save_identity
 from ..core.losses import TokenOption
 from ..core.settings import DEFAULT_STEPS, TrainSettings
 from ..core.training import TrainingStopped, train_identity
 from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
-from ..host.text import detect_family
+from ..host.text import check_placeholder, detect_family
 from .common import CATEGORY, IDENTITY, identity_folder, progress_callback, require_finite
 
 logger = logging.getLogger(__name__)
@@ -38,12 +38,15 @@ _BASE_INPUTS = {
 _MASK_INPUT = {"mask": ("MASK", {"tooltip": "Optional: restrict the denoising loss to this region (e.g. the face)."})}
 
 
-def _save_stopped_state(stopped: TrainingStopped, settings: TrainSettings) -> str:
+def _save_stopped_state(identity: Identity) -> str:
     """Keep the last good state of a cancelled or diverged run as a resumable identity file."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "", settings.placeholder) or "identity"
-    name = f"{stem}-stopped-step{stopped.partial.identity.trained_steps}.safetensors"
-    save_identity(stopped.partial.identity, safe_child_path(identity_folder(), name), overwrite=True)
+    name = f"{_file_stem(identity.placeholder)}-stopped-step{identity.trained_steps}.safetensors"
+    save_identity(identity, safe_child_path(identity_folder(), name), overwrite=True)
     return name
+
+
+def _file_stem(placeholder: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "", placeholder) or "identity"
 
 
 def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
@@ -58,7 +61,7 @@ def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, re
             result = train_identity(backend, reference, settings, mask=ref_mask,
                                     on_step=progress_callback(settings.steps), resume=resume)
         except TrainingStopped as stopped:
-            saved = _save_stopped_state(stopped, settings) if stopped.partial.identity.trained_steps else None
+            saved = _save_stopped_state(stopped.partial.identity) if stopped.partial.identity.trained_steps else None
             note = (f" The last good state ({stopped.partial.identity.trained_steps} steps) was saved as '{saved}'; "
                     f"load it and connect it to 'resume_from' of the Face Attention Loss Trainer to continue."
                     if saved else "")
@@ -152,3 +155,98 @@ class FaceAttentionLossTrainer:
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
         )
         return (run_training(model, clip, vae, image, settings, mask, resume_from).identity,)
+
+
+def parse_placeholders(text: str) -> list[str]:
+    """One placeholder per line (or comma-separated), in the order of the image batch."""
+    return [check_placeholder(p) for p in re.split(r"[\n,]+", text) if p.strip()]
+
+
+class LearnIDEmbeddingsBatch:
+    DESCRIPTION = ("Learn one identity per photo of an IMAGE batch, several in each UNet pass (much faster per "
+                   "identity on a GPU), and save each as <prefix>_<placeholder>.safetensors. Same method and defaults "
+                   "as 'Learn ID Embedding'; photo i uses seed + i.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (IDENTITY,)
+    RETURN_NAMES = ("identities",)
+    OUTPUT_IS_LIST = (True,)
+    OUTPUT_TOOLTIPS = ("The learned identities, in the order of the photos (a list: nodes after it run once per "
+                       "identity).",)
+    FUNCTION = "learn"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        base = {k: v for k, v in _BASE_INPUTS.items() if k not in ("image", "placeholder")}
+        return {"required": {
+            **base,
+            "images": ("IMAGE", {"tooltip": "One face photo per person, as one batch (e.g. 'Load Images' or "
+                                            "'Image Batch'). Each is centre-cropped to a square."}),
+            "placeholders": ("STRING", {"multiline": True, "default": "<alice>\n<bob>",
+                                        "tooltip": "One placeholder per photo, one per line (or comma-separated), "
+                                                   "in the order of the batch."}),
+            "filename_prefix": ("STRING", {"default": "batch", "tooltip": "Files are saved as "
+                                           "models/sefi_identities/<prefix>_<placeholder>.safetensors (tokens only). "
+                                           "Empty: do not save."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace files that already exist (otherwise "
+                                                                   "the node refuses before learning anything)."}),
+            "identities_per_pass": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip": "Identities in one UNet "
+                                            "batch. 0 = as many as the free memory allows (estimated; a pass that "
+                                            "still runs out of memory is split)."}),
+        }, "optional": {"masks": ("MASK", {"tooltip": "Optional: one mask per photo (same batch order) restricting "
+                                                      "the denoising loss to the face."})}}
+
+    def learn(self, model, clip, vae, images, placeholders, steps, seed, filename_prefix, overwrite,
+              identities_per_pass, masks=None):
+        from ..host.batch import batch_jobs, learn_identities
+
+        names = parse_placeholders(placeholders)
+        if len(set(names)) != len(names):
+            raise SeFiError(f"Placeholders must differ: {', '.join(names)}.")
+        if images is None or images.ndim != 4 or images.shape[0] != len(names):
+            count = "no" if images is None or images.ndim != 4 else images.shape[0]
+            raise SeFiError(f"Got {count} photos and {len(names)} placeholders; give one placeholder per photo.")
+        if masks is not None and (masks.ndim != 3 or masks.shape[0] != len(names)):
+            raise SeFiError(f"Connect one mask per photo ({len(names)}), in the order of the image batch.")
+        paths = self._target_paths(filename_prefix, names, overwrite)
+        settings = TrainSettings(steps=steps, seed=seed).with_family_resolution(detect_family(clip, model))
+        refs, ref_masks = [], []
+        for i in range(len(names)):
+            ref, m = prepare_reference(images[i:i + 1], None if masks is None else masks[i:i + 1], settings.resolution)
+            refs.append(ref)
+            ref_masks.append(m)
+        jobs = batch_jobs(refs, ref_masks, names, settings)
+        with training_scope():
+            try:
+                results = learn_identities(model, clip, vae, jobs, identities_per_pass,
+                                           on_step=progress_callback(steps * len(jobs)))
+            except TrainingStopped as stopped:  # cancel: every started identity's last good state is kept
+                kept = [_save_stopped_state(r.identity) for r in stopped.partials
+                        if r.identity is not None and r.identity.trained_steps]
+                if kept:
+                    logger.info("[SeFi-IDE] Learning stopped; last good states saved as %s (resume each with the "
+                                "Face Attention Loss Trainer's 'resume_from').", ", ".join(kept))
+                raise stopped.cause from None
+        for path, result in zip(paths, results):
+            if path is not None and result.error is None:
+                save_identity(result.identity, path, overwrite=overwrite, include_generator=False)
+        diverged = [f"{r.identity.placeholder}: {r.error}" + (f" Its last good state was saved as "
+                    f"'{_save_stopped_state(r.identity)}'." if r.identity.trained_steps else "")
+                    for r in results if r.error is not None]
+        if diverged:
+            raise SeFiError(" ".join(diverged) + " The other identities were learned"
+                            + (" and saved." if paths[0] is not None else "."))
+        return ([r.identity for r in results],)
+
+    @staticmethod
+    def _target_paths(prefix: str, names: list[str], overwrite: bool) -> list:
+        if not prefix.strip():
+            return [None] * len(names)
+        files = [identity_file_name(f"{prefix.strip()}_{_file_stem(p)}") for p in names]
+        if len(set(files)) != len(files):
+            raise SeFiError(f"Two placeholders give the same file name ({', '.join(files)}); make them differ in "
+                            f"letters or digits.")
+        paths = [safe_child_path(identity_folder(), f) for f in files]
+        existing = [p.name for p in paths if p.exists()]
+        if existing and not overwrite:
+            raise SeFiError(f"{', '.join(existing)} already exist(s). Choose another prefix or enable overwrite.")
+        return paths
