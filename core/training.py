@@ -54,7 +54,7 @@ class TrainingStopped(Exception):
         super().__init__(str(cause))
         self.cause = cause
         self.partials = partials
-        self.partial = partials[0]
+        self.partial = partials[0] if partials else None
 
 
 def _optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Finding the ComfyUI host and importing this pack under a fixed name, for the tests.
 
-Host search order (DESIGN §5): $COMFYUI_PATH; the ComfyUI whose custom_nodes/ holds this pack;
+Host search order (CONTRIBUTING.md): $COMFYUI_PATH; the ComfyUI whose custom_nodes/ holds this pack;
 the cached copy that `.ci/setup_env.sh` makes.
 """
 from __future__ import annotations
@@ -8,11 +8,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import types
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-PACK_NAME = "sefi_ide"
+
+
+def _load_bootstrap():
+    spec = importlib.util.spec_from_file_location("sefi_bootstrap", PACK_ROOT / "cli" / "bootstrap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bootstrap = _load_bootstrap()
 
 
 def cache_root() -> Path:
@@ -20,28 +28,10 @@ def cache_root() -> Path:
 
 
 def find_comfyui() -> Path:
-    candidates = []
-    if os.environ.get("COMFYUI_PATH"):
-        candidates.append(Path(os.environ["COMFYUI_PATH"]))
-    if PACK_ROOT.parent.name == "custom_nodes":
-        candidates.append(PACK_ROOT.parent.parent)
-    candidates.append(cache_root() / "comfyui")
-    for c in candidates:
-        if (c / "main.py").is_file() and (c / "comfy").is_dir():
-            return c.resolve()
-    raise RuntimeError(f"No ComfyUI found (looked in {[str(c) for c in candidates]}). Run `bash .ci/setup_env.sh` "
-                       f"or set COMFYUI_PATH.")
+    return _bootstrap.find_comfyui(fallbacks=(cache_root() / "comfyui",))
 
 
-def register_pack_namespace() -> types.ModuleType:
-    """Make `sefi_ide.<subpackage>` importable without running the pack's ComfyUI entry point."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    module = types.ModuleType(PACK_NAME)
-    module.__path__ = [str(PACK_ROOT)]
-    module.__package__ = PACK_NAME
-    sys.modules[PACK_NAME] = module
-    return module
+register_pack_namespace = _bootstrap.register_pack_namespace
 
 
 def import_comfy_in_process() -> Path:

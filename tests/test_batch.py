@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CLOSE, photo
+from helpers import photo
 
 pytestmark = pytest.mark.usefixtures("comfy_host")
 
@@ -28,7 +28,7 @@ def _jobs(steps=3, **overrides):
     from sefi_ide.core.training import IdentityJob
     from sefi_ide.host.images import prepare_reference
 
-    settings = TrainSettings(resolution=64, steps=steps, attn_lambda=1000.0, placeholder="<alice>", **overrides)
+    settings = TrainSettings(resolution=64, steps=steps, placeholder="<alice>", **overrides)  # the default λ
     a, _ = prepare_reference(photo(), None, 64)
     b, _ = prepare_reference(_other_photo(), None, 64)
     return [IdentityJob(a, settings), IdentityJob(b, replace(settings, seed=7, placeholder="<bob>"))]
@@ -40,6 +40,17 @@ def _backend(models, settings):
     return ComfyTrainingBackend(*models, settings)
 
 
+def assert_same_identity(got, expected, base):
+    """Equal to float tolerance, measured against how far the tokens moved: Adam divides each gradient element by its
+    own size, so float-level differences in elements whose gradient is near zero become visible in those elements
+    (measured: at most 0.13 % of the distance moved per token on the tiny models)."""
+    for enc in expected.k:
+        for table in ("k", "v"):
+            a, b = getattr(got, table)[enc], getattr(expected, table)[enc]
+            moved = (b - base[enc]).norm(dim=-1)
+            assert ((a - b).norm(dim=-1) <= 0.01 * moved + 1e-6).all(), (enc, table, (a - b).norm(dim=-1), moved)
+
+
 def test_identities_learned_together_equal_each_learned_alone(models):
     from sefi_ide.core.training import train_identities, train_identity
     from sefi_ide.host.grad_scope import training_scope
@@ -47,17 +58,17 @@ def test_identities_learned_together_equal_each_learned_alone(models):
     jobs = _jobs()
     with torch.inference_mode(), training_scope():
         backend = _backend(models, jobs[0].settings)
+        base = backend.base_vectors()
         together = train_identities(backend, jobs)
         alone = [train_identity(backend, j.image, j.settings) for j in jobs]
     for t, a in zip(together, alone, strict=True):
         assert t.error is None and t.identity.placeholder == a.identity.placeholder
         assert t.identity.trained_steps == a.identity.trained_steps == 3
-        for enc in a.identity.k:
-            torch.testing.assert_close(t.identity.k[enc], a.identity.k[enc], **CLOSE)
-            torch.testing.assert_close(t.identity.v[enc], a.identity.v[enc], **CLOSE)
+        assert_same_identity(t.identity, a.identity, base)
         for rt, ra in zip(t.history, a.history, strict=True):
             assert (rt["t"], rt["stage"]) == (ra["t"], ra["stage"])
-            assert rt["ldm"] == pytest.approx(ra["ldm"], rel=1e-4) and rt["attn"] == pytest.approx(ra["attn"], rel=1e-3)
+            assert rt["ldm"] == pytest.approx(ra["ldm"], rel=1e-4)
+            assert rt["attn"] == pytest.approx(ra["attn"], rel=1e-3, abs=1e-9)  # step 1: both ~1e-12 (float noise)
     assert not torch.allclose(together[0].identity.k["clip_l"], together[1].identity.k["clip_l"])
 
 
@@ -89,10 +100,11 @@ def test_a_diverging_identity_stops_at_its_last_good_state_and_spoils_nothing(sd
         backend = _backend(sd1, jobs[0].settings)
         good, bad = train_identities(backend, jobs)
         alone = train_identity(backend, jobs[0].image, jobs[0].settings)
+        base = backend.base_vectors()
     assert good.error is None and bad.error is not None and "diverged at step 1" in str(bad.error)
     assert bad.identity.trained_steps == 0 and torch.isfinite(bad.identity.k["clip_l"]).all()
-    torch.testing.assert_close(good.identity.k["clip_l"], alone.identity.k["clip_l"], **CLOSE)
-    torch.testing.assert_close(good.identity.v["clip_l"], alone.identity.v["clip_l"], **CLOSE)
+    assert good.identity.trained_steps == 3 and len(good.history) == 3
+    assert_same_identity(good.identity, alone.identity, base)
 
 
 def test_a_pass_that_runs_out_of_memory_is_split_and_learned_again(sd1, monkeypatch, caplog):

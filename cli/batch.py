@@ -1,0 +1,410 @@
+"""Batch learning and rendering with ComfyUI as a library (its loader, samplers, model management; no server) and
+the same code as the nodes.
+
+    python sefi_batch.py learn  --checkpoint FILE --photos DIR --out DIR [--settings JSON] [--identities-per-pass N]
+    python sefi_batch.py render --checkpoint FILE --identities DIR --jobs FILE.jsonl --out DIR
+    both: [--comfyui PATH] [--cpu] [--ray local|auto|ADDRESS] [--workers N]
+
+Every item (a photo, or an identity x job) gets one line in DIR/manifest.jsonl (input, sha256, status, seconds,
+output, error) as soon as it finishes, so a rerun skips what is done and retries what failed, and a killed run
+loses nothing that finished. A bad photo or job is recorded and skipped; it never stops the batch.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+PHOTO_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+MANIFEST = "manifest.jsonl"
+log = logging.getLogger("sefi_batch")
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Manifest:
+    """JSONL, one line per finished attempt; the last line of an item wins. Appended and flushed line by line."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / MANIFEST
+        self.last: dict[str, dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a killed run: that item simply runs again
+                self.last[entry["input"]] = entry
+
+    def finished(self, key: str, sha: str, out_dir: Path) -> bool:
+        entry = self.last.get(key)
+        return bool(entry and entry["status"] == "done" and entry["sha256"] == sha
+                    and (out_dir / entry["output"]).is_file())
+
+    def record(self, entry: dict) -> None:
+        self.last[entry["input"]] = entry
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@dataclass
+class Item:
+    """One unit of work: `key` names it in the manifest, `sha256` fingerprints its inputs."""
+
+    key: str
+    sha256: str
+    output: str  # file name in the output folder
+    source: str  # the photo (learn) or identity file (render)
+    placeholder: str = ""
+    job: dict | None = None  # render: the job line
+    error: str = ""  # known bad before running (e.g. a placeholder collision)
+
+
+def entry(item: Item, status: str, seconds: float, error: str = "") -> dict:
+    return {"input": item.key, "sha256": item.sha256, "status": status, "seconds": round(seconds, 3),
+            "output": item.output if status == "done" else "", "error": error}
+
+
+# --- planning -------------------------------------------------------------------------------------------------------
+
+def placeholder_for(stem: str) -> str:
+    """'Alice Smith.jpg' -> '<alice_smith>': letters, digits, _ and - only, lower case."""
+    name = re.sub(r"[^a-z0-9_-]+", "_", stem.lower()).strip("_-")
+    return f"<{name}>" if name else ""
+
+
+def plan_learn(photos: Path) -> list[Item]:
+    """One item per photo, sorted by name; placeholders from file names, collisions and blanks marked as errors."""
+    items, seen = [], {}
+    for path in sorted(p for p in photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()):
+        placeholder = placeholder_for(path.stem)
+        item = Item(path.name, sha256_file(path), f"{placeholder[1:-1]}.safetensors", str(path), placeholder)
+        if not placeholder:
+            item.error = f"the file name '{path.name}' gives no usable placeholder; rename the photo"
+        elif placeholder in seen:
+            item.error = (f"placeholder {placeholder} collides with '{seen[placeholder]}'; rename one of the photos")
+        else:
+            seen[placeholder] = path.name
+        items.append(item)
+    return items
+
+
+def plan_render(identities: Path, jobs_file: Path) -> list[Item]:
+    """identities x jobs; a job line: {"prompt": "a photo of {id} ...", "negative", "seed", "steps", "cfg",
+    "sampler", "scheduler", "width", "height"} ({id} becomes each identity's placeholder)."""
+    jobs = []
+    for n, line in enumerate(jobs_file.read_text().splitlines()):
+        if line.strip():
+            try:
+                jobs.append((n, RenderJob.parse(json.loads(line))))
+            except (json.JSONDecodeError, TypeError, ValueError) as exc:
+                jobs.append((n, exc))
+    items = []
+    for path in sorted(identities.glob("*.safetensors")):
+        sha = sha256_file(path)
+        for n, job in jobs:
+            key = f"{path.name}#{n}"
+            if isinstance(job, Exception):
+                items.append(Item(key, sha, "", str(path), error=f"job line {n + 1}: {job}"))
+                continue
+            job_sha = hashlib.sha256((sha + json.dumps(asdict(job), sort_keys=True)).encode()).hexdigest()
+            items.append(Item(key, job_sha, f"{path.stem}__{n:04d}.png", str(path), job=asdict(job)))
+    return items
+
+
+@dataclass
+class RenderJob:
+    prompt: str
+    negative: str = "blurry, lowres, deformed, watermark, text"
+    seed: int = 0
+    steps: int = 30
+    cfg: float = 7.0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    width: int = 512
+    height: int = 512
+
+    @classmethod
+    def parse(cls, data: dict) -> RenderJob:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}")
+        job = cls(**data)
+        if "{id}" not in job.prompt:
+            raise ValueError("the prompt needs {id} where the person goes")
+        if job.width % 8 or job.height % 8 or not 64 <= min(job.width, job.height) or max(job.width, job.height) > 4096:
+            raise ValueError("width and height must be multiples of 8 in 64..4096")
+        return job
+
+
+# --- the work, in this process (also what each Ray worker runs) -----------------------------------------------------
+
+class Worker:
+    """Loads the checkpoint once (ComfyUI's own loader), then learns or renders items, writing into the output
+    folder. Returns one manifest entry per item."""
+
+    def __init__(self, checkpoint: str, out_dir: str, comfyui: str | None = None, cpu: bool | None = None):
+        from .bootstrap import find_comfyui, use_comfyui
+
+        use_comfyui(find_comfyui(comfyui), cpu)
+        import comfy.sd
+        import torch
+
+        self.out_dir = Path(out_dir)
+        with torch.inference_mode():
+            self.model, self.clip, self.vae, _ = comfy.sd.load_checkpoint_guess_config(
+                checkpoint, output_vae=True, output_clip=True)
+
+    def learn(self, items: list[dict], settings: dict, per_pass: int) -> list[dict]:
+        """Photos -> identity files, `per_pass` identities in each UNet pass (0: as many as fit)."""
+        import nodes as comfy_nodes
+        import torch
+
+        from ..core.errors import SeFiError
+        from ..core.identity import save_identity
+        from ..core.settings import TrainSettings
+        from ..core.training import TrainingStopped
+        from ..host.batch import batch_jobs, learn_identities
+        from ..host.grad_scope import training_scope
+        from ..host.images import prepare_reference
+        from ..host.text import detect_family
+
+        items = [Item(**i) for i in items]
+        base = TrainSettings(**settings).with_family_resolution(detect_family(self.clip, self.model))
+        results, ready = [], []
+        for item in items:  # load and check each photo the way 'Load Image' + the learn node do
+            started = time.monotonic()
+            try:
+                image = comfy_nodes.LoadImage().load_image(item.source)[0]
+                ready.append((item, prepare_reference(image, None, base.resolution)[0], started))
+            except (SeFiError, OSError, ValueError) as exc:
+                results.append(entry(item, "failed", time.monotonic() - started, _message(exc)))
+        if not ready:
+            return results
+        started = time.monotonic()
+        jobs = batch_jobs([r for _, r, _ in ready], [None] * len(ready), [i.placeholder for i, _, _ in ready], base)
+        for job in jobs:  # every identity uses the settings' seed, as the learn node with that seed does
+            job.settings.seed = base.seed
+        with torch.inference_mode(), training_scope():
+            try:
+                learned = learn_identities(self.model, self.clip, self.vae, jobs, per_pass)
+            except TrainingStopped as stopped:
+                raise stopped.cause from None
+        each = (time.monotonic() - started) / len(ready)
+        for (item, _, _), result in zip(ready, learned):
+            if result.error is not None:
+                results.append(entry(item, "failed", each, str(result.error)))
+                continue
+            save_identity(result.identity, self.out_dir / item.output, overwrite=True, include_generator=False)
+            results.append(entry(item, "done", each))
+        return results
+
+    def render(self, items: list[dict]) -> list[dict]:
+        """identity x job -> PNG with the prompt and settings in its metadata, as ComfyUI's Save Image writes them."""
+        from ..core.errors import SeFiError
+        from ..core.identity import load_identity
+
+        results = []
+        for raw in items:
+            item = Item(**raw)
+            started = time.monotonic()
+            try:
+                job = RenderJob(**item.job)
+                identity = load_identity(item.source)
+                self._render_one(identity, Path(item.source).name, job, self.out_dir / item.output)
+                results.append(entry(item, "done", time.monotonic() - started))
+            except (SeFiError, OSError, ValueError, KeyError) as exc:
+                results.append(entry(item, "failed", time.monotonic() - started, _message(exc)))
+        return results
+
+    def _render_one(self, identity, identity_file: str, job: RenderJob, out: Path) -> None:
+        import comfy.sample
+        import numpy as np
+        import torch
+        from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
+
+        from ..host.conditioning import apply_identities
+
+        text = job.prompt.replace("{id}", identity.placeholder)
+        with torch.inference_mode():
+            model, positive = apply_identities(self.model, self.clip, text, [identity])
+            negative = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(job.negative))
+            latent = torch.zeros(1, 4, job.height // 8, job.width // 8)
+            noise = comfy.sample.prepare_noise(latent, job.seed)
+            samples = comfy.sample.sample(model, noise, job.steps, job.cfg, job.sampler, job.scheduler, positive,
+                                          negative, latent, seed=job.seed, disable_pbar=True)
+            pixels = self.vae.decode(samples)[0]
+        image = Image.fromarray(np.clip(pixels.float().cpu().numpy() * 255.0, 0, 255).astype(np.uint8))
+        meta = PngInfo()
+        meta.add_text("prompt", json.dumps(api_graph(identity_file, text, job)))  # drag into ComfyUI to rerun
+        meta.add_text("sefi", json.dumps({"identity": identity_file, "placeholder": identity.placeholder,
+                                          "text": text, **asdict(job)}, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:20]}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        try:
+            image.save(tmp, format="PNG", pnginfo=meta, compress_level=4)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def api_graph(identity_file: str, text: str, job: RenderJob) -> dict:
+    """The same render as a ComfyUI API-format graph (what Save Image stores as 'prompt')."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "checkpoint.safetensors"}},
+        "2": {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": identity_file}},
+        "3": {"class_type": "ApplyPerStageIDTokens", "inputs": {"model": ["1", 0], "clip": ["1", 1], "text": text,
+                                                                "identity": ["2", 0]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": job.negative, "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": job.width, "height": job.height, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["3", 1], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "seed": job.seed, "steps": job.steps,
+                                                   "cfg": job.cfg, "sampler_name": job.sampler,
+                                                   "scheduler": job.scheduler, "denoise": 1.0}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sefi"}},
+    }
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# --- running: locally or on Ray -------------------------------------------------------------------------------------
+
+def chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
+    for i in range(0, len(items), max(1, size)):
+        yield items[i:i + max(1, size)]
+
+
+def run_local(worker_args: dict, command: str, batches: list[list[Item]], extra: tuple,
+              on_done: Callable[[list[dict]], None]) -> None:
+    worker = Worker(**worker_args)
+    for batch in batches:
+        on_done(getattr(worker, command)([asdict(i) for i in batch], *extra))
+
+
+def run_ray(address: str, workers: int | None, worker_args: dict, command: str, batches: list[list[Item]],
+            extra: tuple, on_done: Callable[[list[dict]], None]) -> None:
+    """Ray actors, one per GPU (or per CPU on a CPU cluster), each loading the checkpoint once; a worker that dies is
+    restarted and its batch retried by Ray; results come back to the driver, which writes the manifest."""
+    import ray
+    from ray.util import ActorPool
+
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init()
+        else:
+            ray.init(address=address)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+    options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    remote = ray.remote(max_restarts=3, max_task_retries=3, **options)(Worker)
+    pool = ActorPool([remote.remote(**worker_args) for _ in range(count)])
+    for done in pool.map_unordered(lambda actor, batch: getattr(actor, command).remote(
+            [asdict(i) for i in batch], *extra), batches):
+        on_done(done)
+
+
+# --- the command ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sefi_batch.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--checkpoint", required=True, help="an SD1.x or SDXL checkpoint file")
+    common.add_argument("--out", required=True, help="output folder (also holds manifest.jsonl)")
+    common.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_PATH or the one holding this pack)")
+    common.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is there")
+    common.add_argument("--ray", help="'local' (start Ray on this machine), 'auto' (the running cluster) or an "
+                                      "ADDRESS; default: in this process")
+    common.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else half the CPUs)")
+    learn = sub.add_parser("learn", parents=[common], help="one identity per photo")
+    learn.add_argument("--photos", required=True, help="folder of photos, one person each; file name -> placeholder")
+    learn.add_argument("--settings", default="{}", help='JSON of training settings, e.g. {"steps": 400, "seed": 0}')
+    learn.add_argument("--identities-per-pass", type=int, default=0,
+                       help="identities in one UNet batch (0 = as many as fit). 1 gives files byte-identical to "
+                            "the nodes'; more are equal to float tolerance, and faster on a GPU")
+    render = sub.add_parser("render", parents=[common], help="prompts x identities -> images")
+    render.add_argument("--identities", required=True, help="folder of identity files")
+    render.add_argument("--jobs", required=True, help="JSONL, one job per line (see the module docstring)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out)
+    if args.command == "learn":
+        try:
+            settings = json.loads(args.settings)
+            from ..core.settings import TrainSettings
+
+            TrainSettings(**settings).validate()
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            print(f"--settings: {exc}", file=sys.stderr)
+            return 2
+        items = plan_learn(Path(args.photos))
+        extra = (settings, args.identities_per_pass)
+        batch_size = args.identities_per_pass or 4
+    else:
+        items = plan_render(Path(args.identities), Path(args.jobs))
+        extra = ()
+        batch_size = 1
+    todo = [i for i in items if not manifest.finished(i.key, i.sha256, out)]
+    skipped = len(items) - len(todo)
+    counts = {"done": 0, "failed": 0}
+    seconds: list[float] = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="item", desc=args.command)
+
+    def on_done(entries: list[dict]) -> None:
+        for e in entries:
+            manifest.record(e)
+            counts[e["status"]] += 1
+            if e["status"] == "done":
+                seconds.append(e["seconds"])
+            else:
+                log.warning("failed: %s: %s", e["input"], e["error"])
+        bar.update(len(entries))
+
+    for item in [i for i in todo if i.error]:  # known bad before any model is loaded
+        on_done([entry(item, "failed", 0.0, item.error)])
+    runnable = [i for i in todo if not i.error]
+    worker_args = {"checkpoint": str(Path(args.checkpoint).resolve()), "out_dir": str(out.resolve()),
+                   "comfyui": args.comfyui, "cpu": True if args.cpu else None}
+    if runnable:
+        batches = list(chunks(runnable, batch_size))
+        if args.ray:
+            run_ray(args.ray, args.workers, worker_args, args.command, batches, extra, on_done)
+        else:
+            run_local(worker_args, args.command, batches, extra, on_done)
+    bar.close()
+    per_item = f", {sum(seconds) / len(seconds):.1f} s per item" if seconds else ""
+    print(f"{args.command}: {counts['done']} done, {skipped} skipped (already done), {counts['failed']} failed"
+          f"{per_item}. Manifest: {manifest.path}")
+    return 1 if counts["failed"] else 0
