@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+PACK_ROOT = Path(__file__).resolve().parents[1]
 PHOTO_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 MANIFEST = "manifest.jsonl"
 log = logging.getLogger("sefi_batch")
@@ -162,10 +163,10 @@ class Worker:
     """Loads the checkpoint once (ComfyUI's own loader), then learns or renders items, writing into the output
     folder. Returns one manifest entry per item."""
 
-    def __init__(self, checkpoint: str, out_dir: str, comfyui: str | None = None, cpu: bool | None = None):
-        from .bootstrap import find_comfyui, use_comfyui
+    def __init__(self, checkpoint: str, out_dir: str, comfyui: str, cpu: bool | None = None):
+        from .bootstrap import use_comfyui
 
-        use_comfyui(find_comfyui(comfyui), cpu)
+        use_comfyui(Path(comfyui), cpu)
         import comfy.sd
         import torch
 
@@ -313,18 +314,57 @@ def run_ray(address: str, workers: int | None, worker_args: dict, command: str, 
     from ray.util import ActorPool
 
     if not ray.is_initialized():
-        if address == "local":
-            ray.init()
-        else:
-            ray.init(address=address)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = workers or gpus or max(1, int(ray.cluster_resources().get("CPU", 1)) // 2)
+        ray.init() if address == "local" else ray.init(address=address)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    count = workers or gpus or max(1, int(resources.get("CPU", 1)) // 2)
     options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    remote = ray.remote(max_restarts=3, max_task_retries=3, **options)(Worker)
+    remote = ray.remote(max_restarts=3, max_task_retries=3, **options)(_ray_worker_class(str(PACK_ROOT)))
     pool = ActorPool([remote.remote(**worker_args) for _ in range(count)])
     for done in pool.map_unordered(lambda actor, batch: getattr(actor, command).remote(
             [asdict(i) for i in batch], *extra), batches):
         on_done(done)
+
+
+def _ray_worker_class(pack_root: str) -> type:
+    """A Worker inside a Ray process. Defined here so that Ray ships it by value: the worker process first makes the
+    pack importable (it is not an installed package), then builds the same Worker the local mode uses."""
+
+    class RayWorker:
+        def __init__(self, **worker_args):
+            import importlib.util
+
+            spec = importlib.util.spec_from_file_location("sefi_bootstrap", f"{pack_root}/cli/bootstrap.py")
+            bootstrap = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(bootstrap)
+            bootstrap.register_pack_namespace()
+            from sefi_ide.cli.batch import Worker
+
+            self.worker = Worker(**worker_args)
+
+        # nothing from the pack may be referenced at class level: Ray unpickles this before __init__ has run
+        def learn(self, *args):
+            from sefi_ide.cli.batch import _crash_once_for_tests
+
+            _crash_once_for_tests()
+            return self.worker.learn(*args)
+
+        def render(self, *args):
+            from sefi_ide.cli.batch import _crash_once_for_tests
+
+            _crash_once_for_tests()
+            return self.worker.render(*args)
+
+    return RayWorker
+
+
+def _crash_once_for_tests() -> None:
+    """Fault injection for the retry test: with SEFI_BATCH_CRASH_ONCE=<file> in the workers' environment, the first
+    task to run creates the file and kills its worker process, as a lost machine would."""
+    marker = os.environ.get("SEFI_BATCH_CRASH_ONCE")
+    if marker and not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
 
 
 # --- the command ----------------------------------------------------------------------------------------------------
@@ -352,9 +392,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _comfyui_folder(explicit: str | None) -> Path:
+    """--comfyui, else the ComfyUI this process has already imported (a host embedding us), else the usual search."""
+    from .bootstrap import find_comfyui
+
+    if explicit is None and "comfy" in sys.modules:
+        return Path(sys.modules["comfy"].__path__[0]).parent
+    return find_comfyui(explicit)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    try:
+        comfyui = str(_comfyui_folder(args.comfyui))
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
@@ -396,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         on_done([entry(item, "failed", 0.0, item.error)])
     runnable = [i for i in todo if not i.error]
     worker_args = {"checkpoint": str(Path(args.checkpoint).resolve()), "out_dir": str(out.resolve()),
-                   "comfyui": args.comfyui, "cpu": True if args.cpu else None}
+                   "comfyui": comfyui, "cpu": True if args.cpu else None}
     if runnable:
         batches = list(chunks(runnable, batch_size))
         if args.ray:
