@@ -1,4 +1,4 @@
-"""Per-stage, K/V-disentangled contexts at every cross-attention layer (DESIGN §1).
+"""Per-stage, K/V-disentangled contexts at every cross-attention layer.
 
 Generation uses ONE model-level attn2 patch on a clone of the MODEL. It picks the stage from the
 step's sigma (sigma -> timestep via the model's own schedule -> stage) and finds the rows that

@@ -177,8 +177,9 @@ class Worker:
 
     def learn(self, items: list[dict], settings: dict, per_pass: int) -> list[dict]:
         """Photos -> identity files, `per_pass` identities in each UNet pass (0: as many as fit)."""
-        import nodes as comfy_nodes
         import torch
+
+        import nodes as comfy_nodes
 
         from ..core.errors import SeFiError
         from ..core.identity import save_identity

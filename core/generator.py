@@ -1,4 +1,4 @@
-"""The token generator G (DESIGN §1): the init word's embedding e -> k_1..k_S, v_1..v_S.
+"""The token generator G: the init word's embedding e -> k_1..k_S, v_1..v_S.
 
 Design (generator version 2; version 1 collapsed every slot onto one token, see README "How it works"):
 

@@ -1,4 +1,4 @@
-"""The learned identity and its shareable file (DESIGN §2): safetensors only, never pickle."""
+"""The learned identity and its shareable file: safetensors only, never pickle."""
 from __future__ import annotations
 
 import hashlib
@@ -182,7 +182,7 @@ MAX_NAME_CHARS = 200  # file systems allow 255 bytes per name; leave room for th
 def identity_file_name(filename: str) -> str:
     """A user's file name -> 'name.safetensors', refusing names that would be hidden, empty or too long."""
     name = filename.strip()
-    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    stem = name.removesuffix(".safetensors")
     leaf = stem.replace("\\", "/").rsplit("/", 1)[-1]
     if not leaf.strip() or leaf.startswith("."):
         raise SeFiError(f"The file name {filename!r} is empty or starts with a dot (a hidden file that 'Load ID "

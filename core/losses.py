@@ -5,7 +5,6 @@ import enum
 
 import torch
 
-
 # pixels of one loss-layer map in the paper's setting (SD1.4 at 512 px: 16x16); see attention_loss
 REFERENCE_MAP_PIXELS = 256
 

@@ -1,4 +1,4 @@
-"""Timestep -> stage mapping (DESIGN §1): the 1000 training timesteps split evenly into S stages."""
+"""Timestep -> stage mapping: the 1000 training timesteps split evenly into S stages."""
 from __future__ import annotations
 
 import torch

@@ -18,7 +18,6 @@ from .checkpointing import checkpointed
 from .grad_scope import frozen_pass, grad_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
-
 log = logging.getLogger(__name__)
 
 

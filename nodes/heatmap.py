@@ -13,8 +13,8 @@ class IDAttentionHeatmap:
     RETURN_TYPES = ("IMAGE", "STRING")
     RETURN_NAMES = ("heatmaps", "token_norms")
     OUTPUT_TOOLTIPS = ("One overlay per stage (stage 0 = detail, last = layout).",
-                       "Each stage's k/v token norm relative to the init word's: far above 1 means an over-strong "
-                       "identity (lower its strength in 'ID Embedding Options').")
+                       ("Each stage's k/v token norm relative to the init word's: far above 1 means an over-strong "
+                        "identity (lower its strength in 'ID Embedding Options')."))
     FUNCTION = "render"
 
     @classmethod

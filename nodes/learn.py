@@ -170,8 +170,8 @@ class LearnIDEmbeddingsBatch:
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identities",)
     OUTPUT_IS_LIST = (True,)
-    OUTPUT_TOOLTIPS = ("The learned identities, in the order of the photos (a list: nodes after it run once per "
-                       "identity).",)
+    OUTPUT_TOOLTIPS = (("The learned identities, in the order of the photos (a list: nodes after it run once per "
+                        "identity)."),)
     FUNCTION = "learn"
 
     @classmethod

@@ -40,10 +40,11 @@ def _learn(tiny_sd1_path, photos, out, *extra):
 def test_learn_writes_one_identity_per_photo_records_the_bad_one_and_equals_the_nodes(
         tiny_sd1_path, photos, tmp_path, sd1, monkeypatch, capsys):
     import folder_paths
-    import nodes as comfy_nodes
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.nodes.files import SaveIDEmbedding
     from sefi_ide.nodes.learn import TOKEN_OPTIONS, FaceAttentionLossTrainer
+
+    import nodes as comfy_nodes
 
     out = tmp_path / "out"
     assert _learn(tiny_sd1_path, photos, out) == 1  # one failure: exit status 1

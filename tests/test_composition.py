@@ -296,7 +296,7 @@ class SamplerKeysAttentionReplace:
         cond_or_uncond = extra_options["cond_or_uncond"]
         sigma = extra_options["sigmas"][0].item() if "sigmas" in extra_options else 999999999.9
         batch_prompt = q.shape[0] // len(cond_or_uncond)
-        _, _, oh, ow = extra_options["original_shape"]
+        _, _, _height, _width = extra_options["original_shape"]
         self.seen.append((q.shape[0], list(cond_or_uncond), len(extra_options["uuids"]), batch_prompt, sigma))
         return optimized_attention(q, k, v, extra_options["n_heads"])
 
@@ -321,7 +321,7 @@ def test_learning_and_heatmaps_run_on_a_model_whose_attention_patch_reads_the_sa
     from sefi_ide.nodes.learn import FaceAttentionLossTrainer, LearnIDEmbedding
 
     model, clip, vae = models
-    patched, patch, layers = _with_attention_replaced_everywhere(model)
+    patched, patch, _ = _with_attention_replaced_everywhere(model)
     with torch.inference_mode():
         LearnIDEmbedding().learn(patched, clip, vae, photo(), "<alice>", 1, 0)
         ident = FaceAttentionLossTrainer().train(
@@ -341,7 +341,7 @@ def test_a_region_mask_that_another_packs_attention_drops_is_logged_naming_the_l
     from sefi_ide.host.conditioning import apply_identities
 
     model, clip, _ = sd1
-    patched, patch, layers = _with_attention_replaced_everywhere(model)
+    patched, _, layers = _with_attention_replaced_everywhere(model)
     left = torch.zeros(64, 64)
     left[:, :32] = 1.0
     ident = dataclasses.replace(random_identity(clip, placeholder="<alice>"), region=left)

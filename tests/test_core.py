@@ -445,10 +445,9 @@ def test_loss_scale_grows_after_a_run_of_good_steps_and_round_trips():
 
 
 def test_resuming_from_a_version_1_generator_is_refused_and_its_tokens_still_load(tmp_path):
+    from safetensors import safe_open
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.core.training import train_identity
-
-    from safetensors import safe_open
 
     old = make_identity()  # generator_state with the version-1 'positions'
     path = save_identity(old, tmp_path / "old.safetensors")

@@ -11,8 +11,8 @@ from helpers import run_prompt
 
 pytestmark = pytest.mark.server
 
-OUR_NODES = {"LearnIDEmbedding", "FaceAttentionLossTrainer", "ApplyPerStageIDTokens", "SaveIDEmbedding",
-             "LoadIDEmbedding", "IDAttentionHeatmap", "IDEmbeddingOptions"}
+OUR_NODES = {"LearnIDEmbedding", "FaceAttentionLossTrainer", "LearnIDEmbeddingsBatch", "ApplyPerStageIDTokens",
+             "SaveIDEmbedding", "LoadIDEmbedding", "IDAttentionHeatmap", "IDEmbeddingOptions"}
 
 
 def checkpoint_nodes(steps=3, text="a photo of a person"):

@@ -94,8 +94,8 @@ class LossInputs:
 def _settings(**overrides):
     from sefi_ide.core.settings import TrainSettings
 
-    values = dict(resolution=64, color_jitter=0.0, flip_p=0.0, scale_min=1.0, scale_max=1.0, placeholder="<alice>",
-                  steps=1, seed=3, batch_size=3, attn_lambda=1000.0)
+    values = {"resolution": 64, "color_jitter": 0.0, "flip_p": 0.0, "scale_min": 1.0, "scale_max": 1.0,
+              "placeholder": "<alice>", "steps": 1, "seed": 3, "batch_size": 3, "attn_lambda": 1000.0}
     values.update(overrides)
     return TrainSettings(**values)
 
@@ -166,7 +166,7 @@ def _draws(settings, z0):
 @pytest.mark.parametrize("kv_split", [True, False])
 def test_each_row_gets_its_stages_k_and_v_tokens_at_every_cross_attention_layer_and_only_they_get_gradient(
         models, monkeypatch, kv_split):
-    model, clip, _ = models
+    _, clip, _ = models
     settings = _settings(kv_split=kv_split)
     grads = GeneratorGradients(monkeypatch)
     _, calls, (_, k, v), z0 = _train(models, settings, resume=_distinct_start)
