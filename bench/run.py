@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -121,6 +122,8 @@ def main() -> None:
                     help="reference pass in the target's UNet batch (TrainSettings.reference_in_batch)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute UNet blocks in backward (TrainSettings.gradient_checkpointing)")
+    ap.add_argument("--identities", type=int, default=1,
+                    help="identities learned together, in one UNet batch per step (train_identities)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
@@ -129,7 +132,7 @@ def main() -> None:
     import comfy.model_management as mm
     import comfy.sample
     from sefi_ide.core.settings import DEFAULT_STEPS, TrainSettings
-    from sefi_ide.core.training import train_identity
+    from sefi_ide.core.training import IdentityJob, train_identities
     from sefi_ide.host.backend import ComfyTrainingBackend
     from sefi_ide.host.conditioning import apply_identities
     from sefi_ide.host.grad_scope import training_scope
@@ -143,7 +146,9 @@ def main() -> None:
                              reference_in_batch=in_batch,
                              gradient_checkpointing=args.gradient_checkpointing).with_family_resolution(args.family)
     R = settings.resolution
-    image = torch.rand(1, 3, R, R, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    jobs = [IdentityJob(torch.rand(1, 3, R, R, generator=g), replace(settings, seed=i, placeholder=f"<id{i}>"))
+            for i in range(args.identities)]
 
     rss_at_start = reset_peak_memory()
     step_times: list[float] = []
@@ -168,8 +173,9 @@ def main() -> None:
         backend = TimedBackend(ComfyTrainingBackend(model, clip, vae, settings))
         sync()
         last[0] = time.perf_counter()
-        result = train_identity(backend, image, settings, on_step=on_step)
+        result = train_identities(backend, jobs, on_step=on_step)[0]
     print("losses:", " ".join(f"{r['loss']:.5f}" for r in result.history))
+    N = args.identities
     if profiler is not None:
         for key in ("self_cpu_time_total", "self_cuda_time_total"):
             print(profiler.key_averages().table(sort_by=key, row_limit=14))
@@ -180,7 +186,7 @@ def main() -> None:
     peak = peak_memory(rss_at_start)
     resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
 
-    text = "a photo of <id> holding a basketball, eyes closed"
+    text = f"a photo of {result.identity.placeholder} holding a basketball, eyes closed"
     identity = result.identity
     with torch.inference_mode():
         for _ in range(2):
@@ -216,11 +222,11 @@ def main() -> None:
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     rows = [("device", device_name()), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
             ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
-            ("reference pass in target batch", args.reference_in_batch),
+            ("reference pass in target batch", args.reference_in_batch), ("identities per pass", N),
             ("gradient checkpointing", "on" if args.gradient_checkpointing else "off")]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
-             (f"learning time at {DEFAULT_STEPS} steps", f"{per_step * DEFAULT_STEPS:.1f} s"),
+             (f"learning time at {DEFAULT_STEPS} steps, per identity", f"{per_step * DEFAULT_STEPS / N:.1f} s"),
              ("peak GPU memory (training)" if torch.cuda.is_available() else "peak host memory added by training",
               f"{peak:.2f} GiB"),
              ("GPU memory held after training (weights)", f"{resident:.2f} GiB"),
@@ -230,8 +236,9 @@ def main() -> None:
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     if not args.no_record:
-        line = (f"| {datetime.date.today()} | {device_name()} | {args.family} {args.arch} {R}px | {per_step * 1000:.0f} ms | "
-                f"{per_step * DEFAULT_STEPS:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
+        model_cell = f"{args.family} {args.arch} {R}px" + (f" x{N} identities" if N > 1 else "")
+        line = (f"| {datetime.date.today()} | {device_name()} | {model_cell} | {per_step * 1000:.0f} ms | "
+                f"{per_step * DEFAULT_STEPS / N:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
                 f"{(ratio - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
         record_row(RUN_TABLE, line)
 
