@@ -21,7 +21,7 @@ NODE_CLASS_MAPPINGS = {
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LearnIDEmbedding": "Learn ID Embedding (SeFi-IDE)",
-    "FaceAttentionLossTrainer": "Face Attention Loss Trainer (SeFi-IDE)",
+    "FaceAttentionLossTrainer": "Learn ID Embedding, advanced: Face Attention Loss Trainer (SeFi-IDE)",
     "LearnIDEmbeddingsBatch": "Learn ID Embeddings, batch (SeFi-IDE)",
     "ApplyPerStageIDTokens": "Apply Per-Stage ID Tokens (SeFi-IDE)",
     "SaveIDEmbedding": "Save ID Embedding (SeFi-IDE)",

@@ -30,8 +30,9 @@ _BASE_INPUTS = {
     "image": ("IMAGE", {"tooltip": "ONE face photo (a batch of 1). Cropped to a centred square."}),
     "placeholder": ("STRING", {"default": "<id>", "tooltip": "The word you will write in prompts for this person, "
                                                              "e.g. <alice>. One word, no spaces."}),
-    "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 5000, "tooltip": "Optimisation steps. 400 is "
-                                                                                "the default; more rarely helps."}),
+    "steps": ("INT", {"default": DEFAULT_STEPS, "min": 1, "max": 5000,
+                      "tooltip": "Optimisation steps. 400 is the default; raise it (e.g. 800) if the likeness is "
+                                 "weak, lower it for a quick preview."}),
     "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": False,
                      "tooltip": "Same seed, same image, same settings -> the same identity file."}),
 }
@@ -92,7 +93,8 @@ class LearnIDEmbedding:
 
 
 class FaceAttentionLossTrainer:
-    DESCRIPTION = "Learn an identity with every knob of the face-wise attention loss and the training exposed."
+    DESCRIPTION = ("The advanced form of 'Learn ID Embedding': the same learning with every knob of the face-wise "
+                   "attention loss and the training exposed, and resume_from.")
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identity",)

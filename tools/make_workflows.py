@@ -206,8 +206,8 @@ def learn(specs, family: str) -> Graph:
 epsilon-prediction checkpoint.
 2. Load Image: your photo, face clearly visible; a square crop around the head works best.
 3. Learn: placeholder is the word you will write in prompts (<id>). 400 steps is the default; \
-lower it for a quick try. The progress bar shows the steps; Cancel keeps a resumable '-stopped' file.
-4. Save: writes models/sefi_identities/{file}.safetensors (a few KB). It refuses to overwrite an \
+lower it for a quick try, raise it (e.g. 800) if the likeness is weak. The progress bar shows the steps; Cancel keeps a resumable '-stopped' file.
+4. Save: writes models/sefi_identities/{file}.safetensors (SD1 ~30 KB, SDXL ~75 KB). It refuses to overwrite an \
 existing file unless you switch 'overwrite' on.
 The heat map shows where the learned token attends on the reference: it should sit on the face.""")
     ckpt = g.add("CheckpointLoaderSimple", 1, 0, ckpt_name=ckpt_name)
