@@ -173,12 +173,14 @@ def train_identities(
     backend: TrainingBackend,
     jobs: list[IdentityJob],
     on_step: Callable[[int, int, dict], None] | None = None,
+    preview_every: int = 0,
 ) -> list[TrainResult]:
     """Learn several identities in one loop: every UNet and text-encoder pass carries all of them in one batch,
     each keeps its own generator, Adam, seed and losses (a result equals the same identity learned alone, to float
     tolerance). An identity whose loss or gradients diverge stops at its last good state (its result's `error`)
     while the others go on. Cancel (an exception from `on_step`) raises TrainingStopped with every identity's last
-    good, exactly resumable state."""
+    good, exactly resumable state. Every `preview_every` steps (0: never) each record carries "attention": the
+    placeholder token's attention at the loss layers (H, W), for a live preview; it does not change the training."""
     if not jobs:
         raise SeFiError("No identity to learn.")
     first = jobs[0].settings
@@ -194,7 +196,8 @@ def train_identities(
             active = [L for L in learners if L.error is None]
             if not active:
                 break
-            records = _train_step(backend, active, ref_context, ref_pooled, step)
+            preview = preview_every > 0 and (step + 1) % preview_every == 0
+            records = _train_step(backend, active, ref_context, ref_pooled, step, preview)
             if on_step is not None:
                 on_step(step + 1, first.steps, records[0] if len(jobs) == 1 else {"step": step + 1,
                                                                                   "identities": records})
@@ -210,19 +213,20 @@ def train_identity(
     mask: torch.Tensor | None = None,
     on_step: Callable[[int, int, dict], None] | None = None,
     resume: Identity | None = None,
+    preview_every: int = 0,
 ) -> TrainResult:
     """Learn per-stage K/V identity tokens from one image (1,3,H,W in [0,1]); mask (1,1,H,W) optional.
 
     Raises TrainingStopped (with the last good, exactly resumable state) on cancel or divergence.
     """
-    (result,) = train_identities(backend, [IdentityJob(image, settings, mask, resume)], on_step)
+    (result,) = train_identities(backend, [IdentityJob(image, settings, mask, resume)], on_step, preview_every)
     if result.error is not None:
         raise TrainingStopped(result.error, [result])
     return result
 
 
 def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
-                ref_pooled: torch.Tensor | None, step: int) -> list[dict]:
+                ref_pooled: torch.Tensor | None, step: int, preview: bool = False) -> list[dict]:
     """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam (each its own)."""
     settings = learners[0].job.settings  # shared by all but seed and placeholder
     S, B, N = settings.num_stages, settings.batch_size, len(learners)
@@ -320,9 +324,26 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     synced = torch.stack(checks).tolist()
 
     records = []
-    for L, (loss_value, ldm_value, attn_value, grads_ok), t, stage in zip(learners, synced, ts, stages):
+    for i, (L, (loss_value, ldm_value, attn_value, grads_ok), t, stage) in enumerate(zip(learners, synced, ts, stages)):
         records.append(_update(L, step, loss_value, ldm_value, attn_value, bool(grads_ok), int(t[0]), int(stage[0])))
+        if preview and tgt_maps:
+            records[-1]["attention"] = placeholder_attention([m.detach() for m in tgt_maps], i, N,
+                                                             backend.placeholder_index)
     return records
+
+
+def placeholder_attention(maps: list[torch.Tensor], identity: int, identities: int, column: int) -> torch.Tensor:
+    """(H, W) on the CPU: the placeholder column of identity `identity`'s rows, averaged over its rows, heads and the
+    layers (each resized to the largest layer's side)."""
+    side = max(int(m.shape[1] ** 0.5) for m in maps)
+    total = torch.zeros(side, side)
+    for m in maps:
+        per_identity = m.shape[0] // identities
+        col = m[identity * per_identity:(identity + 1) * per_identity, :, column].float().mean(0)
+        s = int(col.numel() ** 0.5)
+        total += torch.nn.functional.interpolate(col.reshape(1, 1, s, s).cpu(), size=(side, side),
+                                                 mode="bilinear", align_corners=False)[0, 0]
+    return total / len(maps)
 
 
 def _update(L: _Learner, step: int, loss_value: float, ldm_value: float, attn_value: float, grads_ok: bool,

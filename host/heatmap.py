@@ -11,7 +11,7 @@ from .backend import ComfyTrainingBackend
 from .text import detect_family, word_embedding
 
 
-def _colorize(m: torch.Tensor) -> torch.Tensor:
+def colorize(m: torch.Tensor) -> torch.Tensor:
     """(H,W) in [0,1] -> (H,W,3) blue -> green -> red."""
     r = (1.5 - (4 * m - 3).abs()).clamp(0, 1)
     g = (1.5 - (4 * m - 2).abs()).clamp(0, 1)
@@ -47,5 +47,5 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
                 heat += F.interpolate(col.reshape(1, 1, side, side).cpu(), size=(R, R), mode="bilinear")[0, 0]
             heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
             image = reference[0].permute(1, 2, 0).cpu()
-            frames.append((1 - overlay) * image + overlay * _colorize(heat))
+            frames.append((1 - overlay) * image + overlay * colorize(heat))
     return torch.stack(frames).clamp(0, 1), norm_report(identity, word_embedding(clip, identity.init_word))

@@ -33,15 +33,24 @@ def require_finite(**values: float) -> None:
             raise SeFiError(f"'{name}' is {value}; enter a finite number.")
 
 
-def progress_callback(total: int):
-    """ComfyUI progress bar + cancel: the interrupt is checked once per training step."""
+PREVIEW_EVERY = 10  # steps between live previews of the identity token's attention (bench/RESULTS.md: its cost)
+
+
+def progress_callback(total: int, reference=None):
+    """ComfyUI progress bar + cancel: the interrupt is checked once per training step. With the (1,3,R,R) reference,
+    records that carry "attention" show it over the photo as the bar's preview picture."""
     import comfy.model_management
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(total)
 
     def on_step(step: int, steps: int, record: dict) -> None:
-        bar.update_absolute(step, steps)
+        preview = None
+        if reference is not None and "attention" in record:
+            from ..host.plots import attention_preview
+
+            preview = ("JPEG", attention_preview(reference, record["attention"]), 512)
+        bar.update_absolute(step, steps, preview)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
     return on_step

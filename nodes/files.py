@@ -36,8 +36,8 @@ class LoadIDEmbedding:
     CATEGORY = CATEGORY
     RETURN_TYPES = (IDENTITY,)
     RETURN_NAMES = ("identity",)
-    OUTPUT_TOOLTIPS = ("The identity in the file: connect it to 'Apply Per-Stage ID Tokens' (or to 'resume_from' of "
-                       "the advanced learner, if it was saved with its generator).",)
+    OUTPUT_TOOLTIPS = (("The identity in the file: connect it to 'Apply Per-Stage ID Tokens' (or to 'resume_from' "
+                        "of the advanced learner, if it was saved with its generator)."),)
     FUNCTION = "load"
 
     @classmethod

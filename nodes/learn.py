@@ -13,7 +13,7 @@ from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
 from ..host.text import check_placeholder, detect_family
-from .common import CATEGORY, IDENTITY, identity_folder, progress_callback, require_finite
+from .common import CATEGORY, IDENTITY, PREVIEW_EVERY, identity_folder, progress_callback, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, re
         backend = ComfyTrainingBackend(model, clip, vae, settings)
         try:
             result = train_identity(backend, reference, settings, mask=ref_mask,
-                                    on_step=progress_callback(settings.steps), resume=resume)
+                                    on_step=progress_callback(settings.steps, reference), resume=resume,
+                                    preview_every=PREVIEW_EVERY)
         except TrainingStopped as stopped:
             saved = _save_stopped_state(stopped.partial.identity) if stopped.partial.identity.trained_steps else None
             note = (f" The last good state ({stopped.partial.identity.trained_steps} steps) was saved as '{saved}'; "
@@ -74,13 +75,24 @@ def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, re
     return result
 
 
+_LOSS_CURVE_TOOLTIP = "The loss per step: total, L_LDM (denoising) and λ·L_attn (face-wise attention)."
+
+
+def _with_loss_curve(result, settings: TrainSettings) -> tuple:
+    from ..host.plots import loss_curve
+
+    return result.identity, loss_curve(result.history, settings.attn_lambda)
+
+
 class LearnIDEmbedding:
     DESCRIPTION = ("Learn an identity from one face photo (SeFi-IDE, the paper's defaults). Write the placeholder "
-                   "in prompts of 'Apply Per-Stage ID Tokens' to put the person in any scene.")
+                   "in prompts of 'Apply Per-Stage ID Tokens' to put the person in any scene. The progress bar shows "
+                   "where the identity token attends on the photo every few steps.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (IDENTITY,)
-    RETURN_NAMES = ("identity",)
-    OUTPUT_TOOLTIPS = ("The learned identity: per-stage K/V tokens. Save it with 'Save ID Embedding'.",)
+    RETURN_TYPES = (IDENTITY, "IMAGE")
+    RETURN_NAMES = ("identity", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The learned identity: per-stage K/V tokens. Save it with 'Save ID Embedding'.",
+                       _LOSS_CURVE_TOOLTIP)
     FUNCTION = "learn"
 
     @classmethod
@@ -89,16 +101,17 @@ class LearnIDEmbedding:
 
     def learn(self, model, clip, vae, image, placeholder, steps, seed, mask=None):
         settings = TrainSettings(steps=steps, seed=seed, placeholder=placeholder.strip())
-        return (run_training(model, clip, vae, image, settings, mask).identity,)
+        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask), settings)
 
 
 class FaceAttentionLossTrainer:
     DESCRIPTION = ("The advanced form of 'Learn ID Embedding': the same learning with every knob of the face-wise "
                    "attention loss and the training exposed, and resume_from.")
     CATEGORY = CATEGORY
-    RETURN_TYPES = (IDENTITY,)
-    RETURN_NAMES = ("identity",)
-    OUTPUT_TOOLTIPS = ("The learned identity (with generator weights, so training can be resumed).",)
+    RETURN_TYPES = (IDENTITY, "IMAGE")
+    RETURN_NAMES = ("identity", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The learned identity (with generator weights, so training can be resumed).",
+                       _LOSS_CURVE_TOOLTIP)
     FUNCTION = "train"
 
     @classmethod
@@ -156,7 +169,7 @@ class FaceAttentionLossTrainer:
             flip_p=flip_p, scale_min=min(scale_min, scale_max), scale_max=max(scale_min, scale_max),
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
         )
-        return (run_training(model, clip, vae, image, settings, mask, resume_from).identity,)
+        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask, resume_from), settings)
 
 
 def parse_placeholders(text: str) -> list[str]:

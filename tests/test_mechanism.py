@@ -69,8 +69,9 @@ def test_k_and_v_come_from_different_tokens(models):
     assert (a - b).abs().max() > 1e-4
 
 
-def learn_small(models, image, steps, seed, mask=None, **overrides):
-    """FaceAttentionLossTrainer with the paper's defaults except a 64 px training square (CPU speed)."""
+def learn_small(models, image, steps, seed, mask=None, loss_curve=False, **overrides):
+    """FaceAttentionLossTrainer with the paper's defaults except a 64 px training square (CPU speed): the identity
+    (or, with loss_curve, its loss-curve IMAGE)."""
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.nodes.learn import TOKEN_OPTIONS, FaceAttentionLossTrainer
 
@@ -83,7 +84,7 @@ def learn_small(models, image, steps, seed, mask=None, **overrides):
     args.update(overrides)
     model, clip, vae = models
     with torch.inference_mode():
-        return FaceAttentionLossTrainer().train(model, clip, vae, image, mask=mask, **args)[0]
+        return FaceAttentionLossTrainer().train(model, clip, vae, image, mask=mask, **args)[1 if loss_curve else 0]
 
 
 def test_learn_apply_sample_leaves_model_and_clip_bit_identical(models):
@@ -420,3 +421,36 @@ def test_stopped_training_resumes_exactly_to_the_uninterrupted_result(models, tm
     for enc in full.k:
         assert torch.equal(resumed.k[enc], full.k[enc]) and torch.equal(resumed.v[enc], full.v[enc])
         assert not torch.equal(partial.k[enc], full.k[enc])
+
+
+def test_live_preview_shows_the_placeholder_attention_and_changes_nothing(models):
+    """Every `preview_every` steps the record carries the placeholder token's attention map (the progress bar's
+    picture); the learned tokens are bitwise the same as without previews."""
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.plots import attention_preview
+
+    settings, reference, backend = _training_setup(models, steps=4, attn_lambda=1000.0, seed=0)
+    with training_scope():
+        with_preview = train_identity(backend, reference, settings, preview_every=2)
+        without = train_identity(backend, reference, settings)
+    assert ["attention" in r for r in with_preview.history] == [False, True, False, True]
+    attention = with_preview.history[1]["attention"]
+    assert attention.ndim == 2 and attention.shape[0] == attention.shape[1] and attention.min() >= 0
+    assert 0 < attention.max() <= 1 and attention.std() > 0  # a probability per pixel, not flat
+    for enc in without.identity.k:
+        assert torch.equal(with_preview.identity.k[enc], without.identity.k[enc])
+    picture = attention_preview(reference, attention)
+    assert picture.size == (256, 256)
+
+
+def test_learn_nodes_output_the_loss_curve(sd1):
+    from sefi_ide.host.plots import LEGEND_BOTTOM, SERIES
+
+    curve = learn_small(sd1, photo(), steps=3, seed=0, loss_curve=True)
+    assert curve.shape == (1, 384, 768, 3) and 0 <= curve.min() and curve.max() <= 1
+    pixels = (curve[0] * 255).round().to(torch.uint8)
+    for name, colour in SERIES:  # every series has its legend swatch
+        assert (pixels == torch.tensor(colour, dtype=torch.uint8)).all(-1).any(), name
+    below_legend = pixels[LEGEND_BOTTOM:]
+    assert (below_legend == torch.tensor(SERIES[-1][1], dtype=torch.uint8)).all(-1).sum() > 100  # the total's line

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import requests
-from helpers import run_prompt
+from helpers import run_prompt, wait_for_prompt
 
 pytestmark = pytest.mark.server
 
@@ -258,3 +258,54 @@ def test_queued_load_completes_without_leaks_between_identities(server):
     assert not np.array_equal(pixels_of[0], pixels_of[10])
     grown = proc.memory_info().rss - baseline
     assert grown < 0.15 * baseline, f"server memory grew by {grown / 2**20:.0f} MiB over {baseline / 2**20:.0f} MiB"
+
+
+def test_learning_shows_the_identity_attention_as_a_live_preview_and_outputs_a_loss_curve(server):
+    """The progress bar's preview picture (ComfyUI's binary preview message over the websocket) every 10 steps,
+    and the loss curve as an IMAGE a Preview Image node shows."""
+    import asyncio
+    import io
+
+    import aiohttp
+    import numpy as np
+    from PIL import Image
+
+    (server["base"] / "input").mkdir(exist_ok=True)
+    pixels = (np.random.default_rng(4).random((80, 80, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(server["base"] / "input" / "preview.png")
+    graph = _learn_apply_graph("preview.png", "<bob> at the beach")
+    graph["learn"] = {"class_type": "FaceAttentionLossTrainer", "inputs": {
+        **graph["learn"]["inputs"], "steps": 10, "init_word": "person",
+        "reference_prompt": "a photo of the face of {word}", "attn_lambda": 0.003,
+        "token_option": "3: all 77 token maps (paper's best)", "layers": "auto", "stages": 5, "kv_split": True,
+        "lr": 0.005, "resolution": 64, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8, "scale_max": 1.2,
+        "batch_size": 1}}
+    graph["curve"] = {"class_type": "PreviewImage", "inputs": {"images": ["learn", 1]}}
+    client_id = str(uuid.uuid4())
+
+    async def run() -> tuple[str, list[bytes]]:
+        previews = []
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"{server['url']}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                prompt_id = (await r.json())["prompt_id"]
+            async for msg in ws:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    previews.append(msg.data)
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(msg.data)
+                    if data.get("type") in ("executing", "execution_error") and \
+                            data["data"].get("prompt_id") == prompt_id and data["data"].get("node") is None:
+                        return prompt_id, previews
+                    if data.get("type") == "execution_error":
+                        return prompt_id, previews
+        raise RuntimeError("websocket closed")
+
+    prompt_id, previews = asyncio.run(asyncio.wait_for(run(), 300))
+    entry = wait_for_prompt(server, prompt_id)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    jpegs = [Image.open(io.BytesIO(data[data.index(b"\xff\xd8"):])) for data in previews if b"\xff\xd8" in data]
+    assert jpegs and jpegs[0].size == (256, 256)  # the attention over the photo, at step 10
+    curve = entry["outputs"]["curve"]["images"][0]
+    shown = Image.open(server["base"] / curve.get("type", "temp") / curve.get("subfolder", "") / curve["filename"])
+    assert shown.size == (768, 384)

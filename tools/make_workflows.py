@@ -206,7 +206,7 @@ def learn(specs, family: str) -> Graph:
 epsilon-prediction checkpoint.
 2. Load Image: your photo, face clearly visible; a square crop around the head works best.
 3. Learn: placeholder is the word you will write in prompts (<id>). 400 steps is the default; \
-lower it for a quick try, raise it (e.g. 800) if the likeness is weak. The progress bar shows the steps; Cancel keeps a resumable '-stopped' file.
+lower it for a quick try, raise it (e.g. 800) if the likeness is weak. The progress bar shows the steps and, every 10 steps, where the token attends on the photo; Cancel keeps a resumable '-stopped' file. The loss curve appears when it is done.
 4. Save: writes models/sefi_identities/{file}.safetensors (SD1 ~30 KB, SDXL ~75 KB). It refuses to overwrite an \
 existing file unless you switch 'overwrite' on.
 The heat map shows where the learned token attends on the reference: it should sit on the face.""")
@@ -218,6 +218,7 @@ The heat map shows where the learned token attends on the reference: it should s
     heat = g.add("IDAttentionHeatmap", 3, 220, model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), image=(image, 0),
                  identity=(ident, 0), resolution=512 if family == "sd1" else 1024)
     g.add("PreviewImage", 4, 220, images=(heat, 0))
+    g.add("PreviewImage", 2, 320, title="Loss curve", images=(ident, 1))
     return g
 
 
