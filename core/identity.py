@@ -36,6 +36,7 @@ class Identity:
     v: dict[str, torch.Tensor]
     training: dict = field(default_factory=dict)
     reference_sha256: str = ""
+    photos: int = 1  # how many photos of the person it was learned from
     # optional, to resume training: generator weights per encoder ("clip_l.<param>") and their design's version
     generator_state: dict[str, torch.Tensor] = field(default_factory=dict)
     generator_version: int = 0
@@ -142,6 +143,7 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
         "reference_sha256": identity.reference_sha256,
         "pack_version": PACK_VERSION,
         "trained_steps": str(identity.trained_steps),
+        "photos": str(identity.photos),
         "token_norms": json.dumps(identity.token_norms, sort_keys=True),
     }
     if include_generator and identity.generator_state:
@@ -263,6 +265,7 @@ def load_identity(path: str | os.PathLike) -> Identity:
         generator_version=_meta_int(meta, "generator_version", name, default=1 if generator_state else 0),
         optimizer_state={k[len("optimizer."):]: t for k, t in tensors.items() if k.startswith("optimizer.")},
         trained_steps=_meta_int(meta, "trained_steps", name, default=0),
+        photos=_meta_int(meta, "photos", name, default=1),
         token_norms=_meta_json_object(meta, "token_norms", name),
     )
     _meta_str(meta, "pack_version", name)

@@ -107,8 +107,9 @@ def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings,
 
 @dataclass
 class IdentityJob:
-    """One identity to learn: its photo (1,3,R,R in [0,1]), optional mask (1,1,R,R), settings and resume state.
-    Jobs learned together may differ only in seed and placeholder (they share the UNet batch)."""
+    """One identity to learn: its photos (P,3,R,R in [0,1]; each step samples one per row when P > 1), optional mask
+    (1,1,R,R, one photo only), settings and resume state. Jobs learned together may differ only in seed and
+    placeholder (they share the UNet batch)."""
 
     image: torch.Tensor
     settings: TrainSettings
@@ -127,6 +128,7 @@ class _Learner:
     loss_scale: LossScale
     augmenter: torch.nn.Module
     rng: torch.Generator
+    photo_rng: torch.Generator  # which photo each row uses (several photos): apart from `rng`, so one photo = as before
     base: dict[str, torch.Tensor]
     start: int
     family: str
@@ -149,6 +151,11 @@ def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
     optimizer = torch.optim.Adam(list(names), lr=settings.lr)
     loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
     rng = torch.Generator().manual_seed(settings.seed)
+    # its own stream, seeded by a 64-bit mix of the seed: unrelated to the t/ε stream `rng` draws from `seed`
+    photo_rng = torch.Generator().manual_seed((settings.seed * 0x9E3779B97F4A7C15 + 0x5851F42D4C957F2D) % 2 ** 63)
+    photos = job.image.shape[0]
+    if job.mask is not None and photos > 1:
+        raise SeFiError("A mask belongs to one photo; disconnect the mask or the extra photos.")
     start = 0
     if resume is not None and resume.optimizer_state:
         # exact continuation: Adam moments restored, and the same t/ε stream fast-forwarded
@@ -161,7 +168,9 @@ def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
     for _ in range(start):
         torch.randint(0, 1000, (settings.batch_size,), generator=rng)
         torch.randn((settings.batch_size, 4, latent_side, latent_side), generator=rng)
-    return _Learner(job, generators, names, optimizer, loss_scale, make_augmenter(settings), rng,
+        if photos > 1:
+            torch.randint(0, photos, (settings.batch_size,), generator=photo_rng)
+    return _Learner(job, generators, names, optimizer, loss_scale, make_augmenter(settings), rng, photo_rng,
                     {enc: gen.base.detach().clone() for enc, gen in generators.items()}, start, backend.family)
 
 
@@ -236,7 +245,11 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     for L in learners:
         job = L.job
         m = job.mask.expand(B, -1, -1, -1) if job.mask is not None else None
-        img, m = augment(L.augmenter, job.image.expand(B, -1, -1, -1), m, seed=job.settings.seed * 1_000_003 + step)
+        if job.image.shape[0] > 1:  # several photos of the person: each row samples one
+            photos = job.image[torch.randint(0, job.image.shape[0], (B,), generator=L.photo_rng)]
+        else:
+            photos = job.image.expand(B, -1, -1, -1)
+        img, m = augment(L.augmenter, photos, m, seed=job.settings.seed * 1_000_003 + step)
         images.append(img)
         masks.append(m)
     with torch.no_grad():
@@ -405,6 +418,7 @@ def _finish(generators: dict[str, TokenGenerator], optimizer: torch.optim.Adam, 
         v=v,
         training=settings.to_metadata(),
         reference_sha256=image_sha256(image),
+        photos=image.shape[0],
         generator_state=state,
         generator_version=GENERATOR_VERSION,
         optimizer_state=optimizer_state,

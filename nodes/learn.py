@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import re
 
+import torch
+
 from ..core.errors import SeFiError
 from ..core.identity import Identity, identity_file_name, safe_child_path, save_identity
 from ..core.losses import TokenOption
@@ -37,6 +39,17 @@ _BASE_INPUTS = {
                      "tooltip": "Same seed, same image, same settings -> the same identity file."}),
 }
 _MASK_INPUT = {"mask": ("MASK", {"tooltip": "Optional: restrict the denoising loss to this region (e.g. the face)."})}
+_MORE_PHOTOS_INPUT = {"more_photos": ("IMAGE", {
+    "tooltip": "Optional: more photos of the same person (a batch); each step learns from one photo picked at "
+               "random. Without it the result is the same as before. The file records how many photos it saw."})}
+
+# init word (one token) and reference prompt per kind of subject (the paper also personalises non-face subjects)
+SUBJECTS = {
+    "face": ("person", "a photo of the face of {word}"),
+    "pet": ("pet", "a photo of the face of {word}"),
+    "object": ("object", "a photo of the {word}"),
+}
+CUSTOM_SUBJECT = "custom (init_word, reference_prompt)"
 
 
 def _save_stopped_state(identity: Identity) -> str:
@@ -50,12 +63,17 @@ def _file_stem(placeholder: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "", placeholder) or "identity"
 
 
-def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None):
+def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, resume=None, more_photos=None):
     family = detect_family(clip, model)
     if resume is not None:
         resume.check_family(family)
     settings = settings.with_family_resolution(family)
     reference, ref_mask = prepare_reference(image, mask, settings.resolution)
+    if more_photos is not None:
+        if more_photos.ndim != 4:
+            raise SeFiError("'more_photos' must be an IMAGE batch (connect Load Image or an image batch node).")
+        reference = torch.cat([reference] + [prepare_reference(more_photos[i:i + 1], None, settings.resolution)[0]
+                                             for i in range(more_photos.shape[0])])
     with training_scope():
         backend = ComfyTrainingBackend(model, clip, vae, settings)
         try:
@@ -97,11 +115,20 @@ class LearnIDEmbedding:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": dict(_BASE_INPUTS), "optional": dict(_MASK_INPUT)}
+        return {"required": dict(_BASE_INPUTS), "optional": {
+            **_MASK_INPUT, **_MORE_PHOTOS_INPUT,
+            "subject": (list(SUBJECTS), {"default": "face", "tooltip": "What the photo shows: a person's face "
+                                         "(the paper's setting), a pet, or an object. Sets the init word and the "
+                                         "reference prompt of the attention loss."})}}
 
-    def learn(self, model, clip, vae, image, placeholder, steps, seed, mask=None):
-        settings = TrainSettings(steps=steps, seed=seed, placeholder=placeholder.strip())
-        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask), settings)
+    def learn(self, model, clip, vae, image, placeholder, steps, seed, mask=None, more_photos=None, subject="face"):
+        if subject not in SUBJECTS:
+            raise SeFiError(f"Unknown subject {subject!r}; choose one of {', '.join(SUBJECTS)}.")
+        init_word, reference_prompt = SUBJECTS[subject]
+        settings = TrainSettings(steps=steps, seed=seed, placeholder=placeholder.strip(), init_word=init_word,
+                                 reference_prompt=reference_prompt)
+        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask, more_photos=more_photos),
+                                settings)
 
 
 class FaceAttentionLossTrainer:
@@ -147,7 +174,10 @@ class FaceAttentionLossTrainer:
             "batch_size": ("INT", {"default": d.batch_size, "min": 1, "max": 16,
                                    "tooltip": "Augmented copies per step."}),
         })
-        optional = dict(_MASK_INPUT)
+        optional = {**_MASK_INPUT, **_MORE_PHOTOS_INPUT}
+        optional["subject"] = ([CUSTOM_SUBJECT, *SUBJECTS], {
+            "default": CUSTOM_SUBJECT, "tooltip": "custom: use init_word and reference_prompt as set above; face / "
+                                                  "pet / object: their presets (as in 'Learn ID Embedding')."})
         optional["resume_from"] = (IDENTITY, {"tooltip": "Continue an identity saved with its generator: a stopped "
                                               "run continues exactly where it stopped (same seed and settings)."})
         optional["gradient_checkpointing"] = ("BOOLEAN", {
@@ -159,9 +189,14 @@ class FaceAttentionLossTrainer:
 
     def train(self, model, clip, vae, image, placeholder, steps, seed, init_word, reference_prompt, attn_lambda,
               token_option, layers, stages, kv_split, lr, resolution, color_jitter, flip_p, scale_min, scale_max,
-              batch_size, mask=None, resume_from=None, gradient_checkpointing=False):
+              batch_size, mask=None, resume_from=None, gradient_checkpointing=False, more_photos=None,
+              subject=CUSTOM_SUBJECT):
         require_finite(attn_lambda=attn_lambda, lr=lr, color_jitter=color_jitter, flip_p=flip_p, scale_min=scale_min,
                        scale_max=scale_max)
+        if subject != CUSTOM_SUBJECT:
+            if subject not in SUBJECTS:
+                raise SeFiError(f"Unknown subject {subject!r}; choose custom or one of {', '.join(SUBJECTS)}.")
+            init_word, reference_prompt = SUBJECTS[subject]
         settings = TrainSettings(
             steps=steps, seed=seed, lr=lr, attn_lambda=attn_lambda, token_option=TOKEN_OPTIONS[token_option],
             num_stages=stages, kv_split=kv_split, placeholder=placeholder.strip(), init_word=init_word.strip(),
@@ -169,7 +204,8 @@ class FaceAttentionLossTrainer:
             flip_p=flip_p, scale_min=min(scale_min, scale_max), scale_max=max(scale_min, scale_max),
             batch_size=batch_size, gradient_checkpointing=gradient_checkpointing,
         )
-        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask, resume_from), settings)
+        return _with_loss_curve(run_training(model, clip, vae, image, settings, mask, resume_from, more_photos),
+                                settings)
 
 
 def parse_placeholders(text: str) -> list[str]:

@@ -454,3 +454,49 @@ def test_learn_nodes_output_the_loss_curve(sd1):
         assert (pixels == torch.tensor(colour, dtype=torch.uint8)).all(-1).any(), name
     below_legend = pixels[LEGEND_BOTTOM:]
     assert (below_legend == torch.tensor(SERIES[-1][1], dtype=torch.uint8)).all(-1).sum() > 100  # the total's line
+
+
+def test_extra_photos_are_sampled_per_step_and_one_photo_gives_exactly_the_old_result(sd1, tmp_path):
+    """Two copies of the same photo learn exactly what the photo alone learns (the photo draw has its own seeded
+    stream, the t/ε stream is untouched); two different photos learn something else, each step seeing one of them,
+    and the file records how many photos it saw."""
+    from sefi_ide.core.identity import load_identity, save_identity
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.images import prepare_reference
+
+    settings, reference, backend = _training_setup(sd1, steps=6, seed=0)
+    other, _ = prepare_reference(photo().flip(2), None, 64)
+    seen = []
+    latents = backend.latents
+
+    def recording(images):
+        seen.append(images.clone())
+        return latents(images)
+
+    with training_scope():
+        alone = train_identity(backend, reference, settings)
+        twice = train_identity(backend, torch.cat([reference, reference]), settings)
+        backend.latents = recording
+        both = train_identity(backend, torch.cat([reference, other]), settings)
+    for enc in alone.identity.k:
+        assert torch.equal(twice.identity.k[enc], alone.identity.k[enc])
+        assert not torch.equal(both.identity.k[enc], alone.identity.k[enc])
+    used = {0 if torch.equal(s, reference) else 1 if torch.equal(s, other) else -1 for s in seen}
+    assert used == {0, 1}  # no augmentation in this setup: each step's image is one photo exactly
+    assert (alone.identity.photos, both.identity.photos) == (1, 2)
+    assert load_identity(save_identity(both.identity, tmp_path / "two.safetensors")).photos == 2
+
+
+@pytest.mark.parametrize("subject,init_word,prompt", [("pet", "pet", "a photo of the face of {word}"),
+                                                      ("object", "object", "a photo of the {word}")])
+def test_subject_presets_set_the_init_word_and_reference_prompt(models, subject, init_word, prompt):
+    """The presets of 'Learn ID Embedding' (and the advanced node's subject choice, used here at 64 px)."""
+    from sefi_ide.host.text import word_token_id
+    from sefi_ide.nodes.learn import SUBJECTS
+
+    clip = models[1]
+    assert SUBJECTS[subject] == (init_word, prompt)
+    assert set(word_token_id(clip, init_word)) == set(clip.tokenize("a"))  # one token in every encoder
+    ident = learn_small(models, photo(), steps=1, seed=0, subject=subject)
+    assert ident.init_word == init_word and ident.training["reference_prompt"] == prompt

@@ -253,6 +253,7 @@ def test_every_workflow_runs_end_to_end_over_http(server):
     run(server, two_identities_setup(face))  # alice and bob, which the two-people workflow loads
     run_file("sefi_5_two_identities")
     run_file("sefi_6_learn_and_generate")
+    run_file("sefi_7_learn_pet")
     assert ran == {p.stem for p in UI_FILES}
 
 

@@ -197,23 +197,28 @@ def _generate_branch(g: Graph, ckpt: Node, identity: dict, negative: Node, laten
     g.add("SaveImage", col + 2, y + 120, images=(decode, 0), filename_prefix=f"sefi/{prefix}")
 
 
-def learn(specs, family: str) -> Graph:
+def learn(specs, family: str, subject: str = "face") -> Graph:
     ckpt_name, file = (SD1_CKPT, "my_person") if family == "sd1" else (SDXL_CKPT, "my_person_sdxl")
+    if subject == "pet":
+        file = "my_pet"
     g = Graph(specs)
-    g.note(0, 0, f"""Learn an identity from ONE face photo ({'SD1.x' if family == 'sd1' else 'SDXL'}).
+    what = "face photo" if subject == "face" else "photo of your pet (subject: pet)"
+    g.note(0, 0, f"""Learn an identity from ONE {what} ({'SD1.x' if family == 'sd1' else 'SDXL'}).
 
 1. Checkpoint: pick an {'SD1.x (e.g. v1-5-pruned-emaonly)' if family == 'sd1' else 'SDXL-family (SDXL base, or any SDXL fine-tune)'} \
 epsilon-prediction checkpoint.
-2. Load Image: your photo, face clearly visible; a square crop around the head works best.
-3. Learn: placeholder is the word you will write in prompts (<id>). 400 steps is the default; \
+2. Load Image: your photo, {'face' if subject == 'face' else 'the pet'} clearly visible; a square crop around the \
+head works best.{' More photos of the same subject can go to more_photos.' if subject != 'face' else ''}
+3. Learn: placeholder is the word you will write in prompts ({'<id>' if subject == 'face' else '<my_pet>'}). \
+400 steps is the default; \
 lower it for a quick try, raise it (e.g. 800) if the likeness is weak. The progress bar shows the steps and, every 10 steps, where the token attends on the photo; Cancel keeps a resumable '-stopped' file. The loss curve appears when it is done.
 4. Save: writes models/sefi_identities/{file}.safetensors (SD1 ~30 KB, SDXL ~75 KB). It refuses to overwrite an \
 existing file unless you switch 'overwrite' on.
 The heat map shows where the learned token attends on the reference: it should sit on the face.""")
     ckpt = g.add("CheckpointLoaderSimple", 1, 0, ckpt_name=ckpt_name)
-    image = g.add("LoadImage", 1, 180, title="Face photo", image="example.png")
+    image = g.add("LoadImage", 1, 180, title="Face photo" if subject == "face" else "Pet photo", image="example.png")
     ident = g.add("LearnIDEmbedding", 2, 0, model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), image=(image, 0),
-                  placeholder="<id>", steps=400, seed=0)
+                  placeholder="<id>" if subject == "face" else "<my_pet>", steps=400, seed=0, subject=subject)
     g.add("SaveIDEmbedding", 3, 0, identity=(ident, 0), filename=file)
     heat = g.add("IDAttentionHeatmap", 3, 220, model=(ckpt, 0), clip=(ckpt, 1), vae=(ckpt, 2), image=(image, 0),
                  identity=(ident, 0), resolution=512 if family == "sd1" else 1024)
@@ -288,6 +293,7 @@ def all_workflows(specs) -> dict[str, Graph]:
         "sefi_4_generate_sdxl": generate(specs, "sdxl"),
         "sefi_5_two_identities": two_identities(specs),
         "sefi_6_learn_and_generate": learn_and_generate(specs),
+        "sefi_7_learn_pet": learn(specs, "sd1", subject="pet"),
     }
 
 
