@@ -243,11 +243,15 @@ class LearnIDEmbeddingsBatch:
             "identities_per_pass": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip": "Identities in one UNet "
                                             "batch. 0 = as many as the free memory allows (estimated; a pass that "
                                             "still runs out of memory is split)."}),
-        }, "optional": {"masks": ("MASK", {"tooltip": "Optional: one mask per photo (same batch order) restricting "
-                                                      "the denoising loss to the face."})}}
+        }, "optional": {
+            "masks": ("MASK", {"tooltip": "Optional: one mask per photo (same batch order) restricting the denoising "
+                                          "loss to the face."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64,
+                                   "tooltip": "Training resolution in pixels (square). 0 = native: 512 for SD1, "
+                                              "1024 for SDXL. Lower uses less memory per identity."})}}
 
     def learn(self, model, clip, vae, images, placeholders, steps, seed, filename_prefix, overwrite,
-              identities_per_pass, masks=None):
+              identities_per_pass, masks=None, resolution=0):
         from ..host.batch import batch_jobs, learn_identities
 
         names = parse_placeholders(placeholders)
@@ -259,7 +263,8 @@ class LearnIDEmbeddingsBatch:
         if masks is not None and (masks.ndim != 3 or masks.shape[0] != len(names)):
             raise SeFiError(f"Connect one mask per photo ({len(names)}), in the order of the image batch.")
         paths = self._target_paths(filename_prefix, names, overwrite)
-        settings = TrainSettings(steps=steps, seed=seed).with_family_resolution(detect_family(clip, model))
+        settings = TrainSettings(steps=steps, seed=seed, resolution=resolution).with_family_resolution(
+            detect_family(clip, model))
         refs, ref_masks = [], []
         for i in range(len(names)):
             ref, m = prepare_reference(images[i:i + 1], None if masks is None else masks[i:i + 1], settings.resolution)

@@ -107,3 +107,11 @@ def server(comfy_host, tiny_sd1_path, tmp_path_factory):
         log.close()
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(base / "server.log", ARTIFACTS / "server.log")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Collect the tests' ComfyUI model patchers while their modules still exist (at interpreter exit their __del__
+    meets half-torn-down modules and prints ignored exceptions)."""
+    import gc
+
+    gc.collect()

@@ -149,7 +149,7 @@ def test_batch_node_learns_one_identity_per_photo_and_saves_each(sd1, tmp_path, 
         node.learn(model, clip, vae, images, "<a>, a", 1, 0, "team", False, 0)
     assert not list(tmp_path.iterdir())  # refused before anything was learned or written
     with torch.inference_mode():
-        (identities,) = node.learn(model, clip, vae, images, "<alice>\n<bob>", 1, 5, "team", False, 0)
+        (identities,) = node.learn(model, clip, vae, images, "<alice>\n<bob>", 1, 5, "team", False, 0, resolution=64)
     assert [i.placeholder for i in identities] == ["<alice>", "<bob>"]
     saved = sorted(p.name for p in tmp_path.iterdir())
     assert saved == ["team_alice.safetensors", "team_bob.safetensors"]
