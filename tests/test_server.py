@@ -144,22 +144,29 @@ def _queue_and_wait_for_progress(server, graph: dict, min_step: int, timeout: fl
     return asyncio.run(asyncio.wait_for(run(), timeout))
 
 
-def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(server):
+def _advanced_learn_graph(server, image_name: str, steps: int, seed: int) -> dict:
+    """A random 80 px photo in input/, learned by the advanced trainer at 64 px (fast steps), applied and sampled."""
     import numpy as np
-    import psutil
     from PIL import Image
 
     (server["base"] / "input").mkdir(exist_ok=True)
-    pixels = (np.random.default_rng(2).random((80, 80, 3)) * 255).astype("uint8")
-    Image.fromarray(pixels).save(server["base"] / "input" / "long.png")
-    graph = _learn_apply_graph("long.png", "<bob> at the beach")
-    # the advanced trainer at 64 px: fast steps, so several finish before the interrupt
+    pixels = (np.random.default_rng(seed).random((80, 80, 3)) * 255).astype("uint8")
+    Image.fromarray(pixels).save(server["base"] / "input" / image_name)
+    graph = _learn_apply_graph(image_name, "<bob> at the beach")
     graph["learn"] = {"class_type": "FaceAttentionLossTrainer", "inputs": {
-        **graph["learn"]["inputs"], "steps": 500, "init_word": "person",
+        **graph["learn"]["inputs"], "steps": steps, "init_word": "person",
         "reference_prompt": "a photo of the face of {word}", "attn_lambda": 0.003,
         "token_option": "3: all 77 token maps (paper's best)", "layers": "auto", "stages": 5, "kv_split": True,
         "lr": 0.005, "resolution": 64, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8, "scale_max": 1.2,
         "batch_size": 1}}
+    return graph
+
+
+def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(server):
+    import psutil
+
+    # the advanced trainer at 64 px: fast steps, so several finish before the interrupt
+    graph = _advanced_learn_graph(server, "long.png", steps=500, seed=2)
     proc = psutil.Process(server["pid"])
     warm = dict(graph)
     warm["learn"] = {**graph["learn"], "inputs": {**graph["learn"]["inputs"], "steps": 2}}
@@ -267,19 +274,9 @@ def test_learning_shows_the_identity_attention_as_a_live_preview_and_outputs_a_l
     import io
 
     import aiohttp
-    import numpy as np
     from PIL import Image
 
-    (server["base"] / "input").mkdir(exist_ok=True)
-    pixels = (np.random.default_rng(4).random((80, 80, 3)) * 255).astype("uint8")
-    Image.fromarray(pixels).save(server["base"] / "input" / "preview.png")
-    graph = _learn_apply_graph("preview.png", "<bob> at the beach")
-    graph["learn"] = {"class_type": "FaceAttentionLossTrainer", "inputs": {
-        **graph["learn"]["inputs"], "steps": 10, "init_word": "person",
-        "reference_prompt": "a photo of the face of {word}", "attn_lambda": 0.003,
-        "token_option": "3: all 77 token maps (paper's best)", "layers": "auto", "stages": 5, "kv_split": True,
-        "lr": 0.005, "resolution": 64, "color_jitter": 0.2, "flip_p": 0.5, "scale_min": 0.8, "scale_max": 1.2,
-        "batch_size": 1}}
+    graph = _advanced_learn_graph(server, "preview.png", steps=10, seed=4)
     graph["curve"] = {"class_type": "PreviewImage", "inputs": {"images": ["learn", 1]}}
     client_id = str(uuid.uuid4())
 
