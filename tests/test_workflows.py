@@ -237,6 +237,33 @@ def assert_outputs_on_disk(server, graph: dict, entry: dict) -> None:
             assert (server["base"] / "models" / "sefi_identities" / f"{name}.safetensors").is_file()
 
 
+LITEGRAPH_TITLE = 30  # LiteGraph draws the title bar above a node's pos
+PAGE = (1280, 720)  # the browser test's window; the menu and tab bars take the top 100 px of it
+PAGE_TOP = 100
+
+
+def _rect(node: dict) -> tuple[float, float, float, float]:
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - LITEGRAPH_TITLE, x + w, y + h
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_no_two_nodes_overlap_and_the_saved_view_shows_every_node(path):
+    nodes = json.loads(path.read_text())["nodes"]
+    rects = [(n["type"], _rect(n)) for n in nodes]
+    for i, (ta, a) in enumerate(rects):
+        for tb, b in rects[i + 1:]:  # at least 10 px apart, title bars included
+            apart = a[2] + 10 <= b[0] or b[2] + 10 <= a[0] or a[3] + 10 <= b[1] or b[3] + 10 <= a[1]
+            assert apart, f"{path.name}: {ta} {a} overlaps or touches {tb} {b}"
+    view = json.loads(path.read_text())["extra"]["ds"]
+    scale, (ox, oy) = view["scale"], view["offset"]
+    assert scale >= 0.4, f"{path.name}: saved zoom {scale} is too small to read"
+    for typ, (x0, y0, x1, y1) in rects:  # screen = (pos + offset) * scale
+        assert 0 <= (x0 + ox) * scale and (x1 + ox) * scale <= PAGE[0], f"{path.name}: {typ} off screen"
+        assert PAGE_TOP <= (y0 + oy) * scale and (y1 + oy) * scale <= PAGE[1], f"{path.name}: {typ} off screen"
+
+
 def test_every_workflow_runs_end_to_end_over_http(server):
     face = upload_face(server)
     ran = set()

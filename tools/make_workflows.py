@@ -8,6 +8,7 @@ this pack's INPUT_TYPES), so the files match what the installed frontend expects
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # frontend nodes: no server class, not in the API format
 COL = 430  # column width on the canvas
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its `pos`
+GAP = 24  # space between a node and the title bar of the node below it
+IMAGE_AREA = 200  # image widgets (Load / Preview / Save Image) draw the picture inside the node
+# the page's canvas at 1280x720 minus the menu and tab bars at the top: the saved view must show every node there
+VIEW = {"left": 20, "top": 110, "width": 1240, "height": 590}
 
 SD1_CKPT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
@@ -101,6 +107,8 @@ class Graph:
                 raise ValueError(f"{type_} has no input(s) {sorted(unknown)}")
             multiline = any(o.get("multiline") for _, k, o in widget_slots(cls) if k == "STRING")
             height = 46 + 24 * (len(link_inputs(cls)) + len(widget_slots(cls))) + (90 if multiline else 0)
+            if type_ in ("LoadImage", "PreviewImage", "SaveImage"):
+                height += IMAGE_AREA
             node.size = (400 if multiline else 340, height)
         self.nodes.append(node)
         return node
@@ -136,7 +144,26 @@ class Graph:
                     done.append(n)
         return done
 
+    def _settle(self) -> None:
+        """Per column, top to bottom: push each node down until its title bar clears the node above by GAP."""
+        for x in {n.pos[0] for n in self.nodes}:
+            column = sorted((n for n in self.nodes if n.pos[0] == x), key=lambda n: n.pos[1])
+            for above, below in itertools.pairwise(column):
+                lowest = above.pos[1] + above.size[1] + GAP + TITLE_HEIGHT
+                if below.pos[1] < lowest:
+                    below.pos = (x, lowest)
+
+    def _view(self) -> dict:
+        """LiteGraph's saved view (screen = (pos + offset) * scale) framing every node, title bars included."""
+        left = min(n.pos[0] for n in self.nodes)
+        top = min(n.pos[1] - TITLE_HEIGHT for n in self.nodes)
+        right = max(n.pos[0] + n.size[0] for n in self.nodes)
+        bottom = max(n.pos[1] + n.size[1] for n in self.nodes)
+        scale = round(min(1.0, VIEW["width"] / (right - left), VIEW["height"] / (bottom - top)) - 0.005, 2)
+        return {"scale": scale, "offset": [round(VIEW["left"] / scale - left, 1), round(VIEW["top"] / scale - top, 1)]}
+
     def ui(self) -> dict:
+        self._settle()
         order = {n.id: i for i, n in enumerate(self._order())}
         links, node_json = [], {}
         for n in self.nodes:
@@ -167,7 +194,7 @@ class Graph:
                 node_json[n.id]["inputs"].append({"name": name, "type": typ, "link": link_id})
         return {"last_node_id": len(self.nodes), "last_link_id": len(links),
                 "nodes": [node_json[n.id] for n in self.nodes], "links": links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.62, "offset": [30, 60]}}, "version": 0.4}
+                "extra": {"ds": self._view()}, "version": 0.4}
 
     def api(self) -> dict:
         out = {}
@@ -194,7 +221,7 @@ def _generate_branch(g: Graph, ckpt: Node, identity: dict, negative: Node, laten
                    latent_image=(latent, 0), seed=42, steps=30, cfg=7.0, sampler_name="dpmpp_2m",
                    scheduler="karras")
     decode = g.add("VAEDecode", col + 2, y, samples=(sample, 0), vae=(ckpt, 2))
-    g.add("SaveImage", col + 2, y + 120, images=(decode, 0), filename_prefix=f"sefi/{prefix}")
+    g.add("SaveImage", col + 3, y, images=(decode, 0), filename_prefix=f"sefi/{prefix}")
 
 
 def learn(specs, family: str, subject: str = "face") -> Graph:
