@@ -103,7 +103,9 @@ def test_render_makes_prompts_times_identities_with_the_prompt_in_the_png(tiny_s
 def local_ray(tmp_path):
     ray = pytest.importorskip("ray")
     marker = tmp_path / "crashed-once"
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SEFI_BATCH_CRASH_ONCE": str(marker)}})
+    # one thread per worker whatever this process has (Ray passes OMP_NUM_THREADS on when it is set)
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"SEFI_BATCH_CRASH_ONCE": str(marker),
+                                                                            "OMP_NUM_THREADS": "1"}})
     try:
         yield marker
     finally:
@@ -111,8 +113,8 @@ def local_ray(tmp_path):
 
 
 def test_ray_gives_the_same_files_and_retries_a_worker_that_dies(tiny_sd1_path, photos, tmp_path, local_ray):
-    """Byte-identical files: the local run uses one thread like each Ray worker (Ray gives a 1-CPU actor
-    OMP_NUM_THREADS=1; float32 results depend on the thread count)."""
+    """Byte-identical files: the local run uses one thread like each Ray worker (float32 results depend on the thread
+    count)."""
     local = tmp_path / "local"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
