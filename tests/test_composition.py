@@ -352,3 +352,20 @@ def test_a_region_mask_that_another_packs_attention_drops_is_logged_naming_the_l
     for layer in layers:
         assert layer.name in warning
     assert len([r for r in caplog.records if "region mask" in r.getMessage()]) == 1  # once, not per step
+
+
+def test_region_masks_are_refused_on_a_comfyui_without_the_attention_override(sd1, monkeypatch):
+    """ComfyUI before 0.3.60 has no optimized_attention_override: a region mask would silently do nothing there."""
+    import dataclasses
+
+    import comfy.ldm.modules.attention
+    from sefi_ide.core.errors import SeFiError
+    from sefi_ide.host.conditioning import apply_identities
+
+    model, clip, _ = sd1
+    monkeypatch.delattr(comfy.ldm.modules.attention, "wrap_attn")  # as on ComfyUI 0.3.52
+    ident = dataclasses.replace(random_identity(clip, placeholder="<alice>"), region=torch.ones(8, 8))
+    with pytest.raises(SeFiError, match="Region masks need ComfyUI 0.3.60 or newer"), torch.inference_mode():
+        apply_identities(model, clip, "a photo of <alice>", [ident])
+    with torch.inference_mode():  # without a mask the identity works there
+        apply_identities(model, clip, "a photo of <alice>", [dataclasses.replace(ident, region=None)])
