@@ -114,7 +114,8 @@ def main() -> None:
     ap.add_argument("--arch", choices=["tiny", "narrow", "full"], default="full")
     ap.add_argument("--steps", type=int, default=20, help="training steps measured (after 2 warm-up steps)")
     ap.add_argument("--resolution", type=int, default=0, help="0 = native (512 SD1, 1024 SDXL)")
-    ap.add_argument("--sample-steps", type=int, default=30)
+    ap.add_argument("--sample-steps", type=int, default=30,
+                    help="0 skips the conditioning and sampling measurement (after the last --identities)")
     ap.add_argument("--layers", default="auto", help="attention-loss layers (TrainSettings.layers)")
     ap.add_argument("--unet-dtype", choices=["host", "fp32", "fp16", "bf16"], default="host",
                     help="weights' dtype of the full-size UNet (host = what ComfyUI picks on this device)")
@@ -122,24 +123,46 @@ def main() -> None:
                     help="reference pass in the target's UNet batch (TrainSettings.reference_in_batch)")
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="recompute UNet blocks in backward (TrainSettings.gradient_checkpointing)")
-    ap.add_argument("--identities", type=int, default=1,
-                    help="identities learned together, in one UNet batch per step (train_identities)")
+    ap.add_argument("--identities", default="1",
+                    help="identities learned together, in one UNet batch per step (train_identities); "
+                         "a list such as 1,4,8 measures each on the same models, one row each")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
     prepare_host()
-    import comfy.model_management as mm
-    import comfy.sample
-    from sefi_ide.core.settings import DEFAULT_STEPS, TrainSettings
-    from sefi_ide.core.training import IdentityJob, train_identities
-    from sefi_ide.host.backend import ComfyTrainingBackend
-    from sefi_ide.host.conditioning import apply_identities
-    from sefi_ide.host.grad_scope import training_scope
-
-    device = mm.get_torch_device()
     dtypes = {"host": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     model, clip, vae = build(args.family, args.arch, dtypes[args.unet_dtype])
+    counts = [int(n) for n in str(args.identities).split(",")]
+    done: list[tuple[dict, object]] = []
+    for n in counts:  # one model build, one row per identity count
+        try:
+            measured, identity = measure_training(args, n, model, clip, vae)
+        except torch.OutOfMemoryError:
+            print(f"{n} identities per pass: out of memory on {device_name()}; larger counts skipped")
+            torch.cuda.empty_cache()
+            break
+        measured["n"] = n
+        if done:
+            report(args, done[-1][0], model)
+        done.append((measured, identity))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not done:
+        raise SystemExit("no identity count fitted in memory")
+    last, identity = done[-1]
+    if args.sample_steps > 0:  # sampling does not depend on how many were learned together: measured once
+        last.update(measure_sampling(args, model, clip, identity))
+    report(args, last, model)
+
+
+def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
+    """Learn `n` identities together for warm-up + args.steps steps; step time, phases and peak memory."""
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import IdentityJob, train_identities
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+
     warmup = 4 if args.profile else 2  # unmeasured steps; profiled steps (3-4) are slower
     in_batch = {"auto": None, "on": True, "off": False}[args.reference_in_batch]
     settings = TrainSettings(steps=args.steps + warmup, resolution=args.resolution, layers=args.layers,
@@ -148,13 +171,12 @@ def main() -> None:
     R = settings.resolution
     g = torch.Generator().manual_seed(0)
     jobs = [IdentityJob(torch.rand(1, 3, R, R, generator=g), replace(settings, seed=i, placeholder=f"<id{i}>"))
-            for i in range(args.identities)]
+            for i in range(n)]
 
     rss_at_start = reset_peak_memory()
     step_times: list[float] = []
     warm: dict[str, float] = {}
     last = [time.perf_counter()]
-
     profiler = torch.profiler.profile() if args.profile else None
 
     def on_step(step, steps, record):
@@ -175,19 +197,23 @@ def main() -> None:
         last[0] = time.perf_counter()
         result = train_identities(backend, jobs, on_step=on_step)[0]
     print("losses:", " ".join(f"{r['loss']:.5f}" for r in result.history))
-    N = args.identities
     if profiler is not None:
         for key in ("self_cpu_time_total", "self_cuda_time_total"):
             print(profiler.key_averages().table(sort_by=key, row_limit=14))
-    measured = step_times[warmup:]
-    per_step = sum(measured) / len(measured)
-    phases = {k: (v - warm[k]) / len(measured) for k, v in backend.times.items()}  # after the warm-up steps
+    timed = step_times[warmup:]
+    per_step = sum(timed) / len(timed)
+    phases = {k: (v - warm[k]) / len(timed) for k, v in backend.times.items()}  # after the warm-up steps
     phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
-    peak = peak_memory(rss_at_start)
-    resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
+    return {"R": R, "per_step": per_step, "phases": phases, "peak": peak_memory(rss_at_start)}, result.identity
 
-    text = f"a photo of {result.identity.placeholder} holding a basketball, eyes closed"
-    identity = result.identity
+
+def measure_sampling(args, model, clip, identity) -> dict:
+    """Conditioning build time and the median sampling-time ratio with / without the identity."""
+    import comfy.sample
+    from sefi_ide.host.conditioning import apply_identities
+
+    R = args.resolution or (512 if args.family == "sd1" else 1024)
+    text = f"a photo of {identity.placeholder} holding a basketball, eyes closed"
     with torch.inference_mode():
         for _ in range(2):
             apply_identities(model, clip, text, [identity])
@@ -214,32 +240,44 @@ def main() -> None:
         timed_sample(model, plain), timed_sample(patched, positive)  # warm-up
         # interleaved pairs, median ratio: sampling time drifts between runs (clocks, CPU launch speed)
         pairs = [(timed_sample(model, plain), timed_sample(patched, positive)) for _ in range(7)]
-    t_plain = statistics.median(p for p, _ in pairs)
-    t_id = statistics.median(i for _, i in pairs)
-    ratio = statistics.median(i / p for p, i in pairs)
+    return {"cond_ms": cond_ms, "t_plain": statistics.median(p for p, _ in pairs),
+            "t_id": statistics.median(i for _, i in pairs), "ratio": statistics.median(i / p for p, i in pairs)}
 
+
+def report(args, m: dict, model) -> None:
+    """Print one run's table and (unless --no-record) append its row to bench/RESULTS.md."""
+    import comfy.model_management as mm
+    from sefi_ide.core.settings import DEFAULT_STEPS
+
+    N, R, per_step = m["n"], m["R"], m["per_step"]
+    device = mm.get_torch_device()
+    resident = torch.cuda.memory_allocated(device) / 2**30 if torch.cuda.is_available() else float("nan")
     unet = model.model.diffusion_model
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     rows = [("device", device_name()), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
             ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
             ("reference pass in target batch", args.reference_in_batch), ("identities per pass", N),
             ("gradient checkpointing", "on" if args.gradient_checkpointing else "off")]
-    rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in phases.items()]
+    rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in m["phases"].items()]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
              (f"learning time at {DEFAULT_STEPS} steps, per identity", f"{per_step * DEFAULT_STEPS / N:.1f} s"),
              ("peak GPU memory (training)" if torch.cuda.is_available() else "peak host memory added by training",
-              f"{peak:.2f} GiB"),
-             ("GPU memory held after training (weights)", f"{resident:.2f} GiB"),
-             ("conditioning build (all stages, K and V)", f"{cond_ms:.1f} ms"),
-             (f"sampling {args.sample_steps} steps: plain / identity", f"{t_plain:.2f} s / {t_id:.2f} s"),
-             ("sampling overhead (median of 7 pairs)", f"{(ratio - 1) * 100:+.1f} %")]
+              f"{m['peak']:.2f} GiB"),
+             ("GPU memory held after training (weights)", f"{resident:.2f} GiB")]
+    sampled = "ratio" in m
+    if sampled:
+        rows += [("conditioning build (all stages, K and V)", f"{m['cond_ms']:.1f} ms"),
+                 (f"sampling {args.sample_steps} steps: plain / identity", f"{m['t_plain']:.2f} s / {m['t_id']:.2f} s"),
+                 ("sampling overhead (median of 7 pairs)", f"{(m['ratio'] - 1) * 100:+.1f} %")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
     if not args.no_record:
         model_cell = f"{args.family} {args.arch} {R}px" + (f" x{N} identities" if N > 1 else "")
+        cond = f"{m['cond_ms']:.0f} ms" if sampled else "-"
+        overhead = f"{(m['ratio'] - 1) * 100:+.1f} %" if sampled else "-"
         line = (f"| {datetime.date.today()} | {device_name()} | {model_cell} | {per_step * 1000:.0f} ms | "
-                f"{per_step * DEFAULT_STEPS / N:.0f} s | {peak:.2f} GiB | {cond_ms:.0f} ms | "
-                f"{(ratio - 1) * 100:+.1f} % | `python bench/run.py {' '.join(sys.argv[1:])}` |\n")
+                f"{per_step * DEFAULT_STEPS / N:.0f} s | {m['peak']:.2f} GiB | {cond} | {overhead} | "
+                f"`python bench/run.py {' '.join(sys.argv[1:])}` |\n")
         record_row(RUN_TABLE, line)
 
 
