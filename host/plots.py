@@ -10,6 +10,7 @@ from .heatmap import colorize
 WIDTH, HEIGHT, MARGIN = 768, 384, 48
 SERIES = (("L_LDM", (76, 120, 168)), ("λ·L_attn", (84, 162, 75)), ("total", (228, 87, 86)))  # total drawn last
 LEGEND_BOTTOM = MARGIN // 2 + 20  # the legend row ends here; below it only the curves
+PREVIEW_SIDE = 512  # the live preview's side; also the max size handed to ComfyUI, which scales any picture to it
 
 
 def loss_curve(history: list[dict], attn_lambda: float) -> torch.Tensor:
@@ -46,7 +47,7 @@ def loss_curve(history: list[dict], attn_lambda: float) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).float().div(255).unsqueeze(0)
 
 
-def attention_preview(reference: torch.Tensor, attention: torch.Tensor, size: int = 256):
+def attention_preview(reference: torch.Tensor, attention: torch.Tensor, size: int = PREVIEW_SIDE):
     """PIL image: the placeholder token's attention (H, W) over the (1,3,R,R) reference, the heat-map node's colours."""
     from PIL import Image
 

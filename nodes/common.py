@@ -47,9 +47,9 @@ def progress_callback(total: int, reference=None):
     def on_step(step: int, steps: int, record: dict) -> None:
         preview = None
         if reference is not None and "attention" in record:
-            from ..host.plots import attention_preview
+            from ..host.plots import PREVIEW_SIDE, attention_preview
 
-            preview = ("JPEG", attention_preview(reference, record["attention"]), 512)
+            preview = ("JPEG", attention_preview(reference, record["attention"]), PREVIEW_SIDE)
         bar.update_absolute(step, steps, preview)
         comfy.model_management.throw_exception_if_processing_interrupted()
 

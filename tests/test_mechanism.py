@@ -428,7 +428,7 @@ def test_live_preview_shows_the_placeholder_attention_and_changes_nothing(models
     picture); the learned tokens are bitwise the same as without previews."""
     from sefi_ide.core.training import train_identity
     from sefi_ide.host.grad_scope import training_scope
-    from sefi_ide.host.plots import attention_preview
+    from sefi_ide.host.plots import PREVIEW_SIDE, attention_preview
 
     settings, reference, backend = _training_setup(models, steps=4, attn_lambda=1000.0, seed=0)
     with training_scope():
@@ -441,7 +441,7 @@ def test_live_preview_shows_the_placeholder_attention_and_changes_nothing(models
     for enc in without.identity.k:
         assert torch.equal(with_preview.identity.k[enc], without.identity.k[enc])
     picture = attention_preview(reference, attention)
-    assert picture.size == (256, 256)
+    assert picture.size == (PREVIEW_SIDE, PREVIEW_SIDE)  # what ComfyUI sends: it scales any picture to this side
 
 
 def test_learn_nodes_output_the_loss_curve(sd1):

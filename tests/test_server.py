@@ -302,7 +302,9 @@ def test_learning_shows_the_identity_attention_as_a_live_preview_and_outputs_a_l
     entry = wait_for_prompt(server, prompt_id)
     assert entry["status"]["status_str"] == "success", entry["status"]
     jpegs = [Image.open(io.BytesIO(data[data.index(b"\xff\xd8"):])) for data in previews if b"\xff\xd8" in data]
-    assert jpegs and jpegs[0].size == (256, 256)  # the attention over the photo, at step 10
+    from sefi_ide.host.plots import PREVIEW_SIDE
+
+    assert jpegs and jpegs[0].size == (PREVIEW_SIDE, PREVIEW_SIDE)  # the attention over the photo, at step 10
     curve = entry["outputs"]["curve"]["images"][0]
     shown = Image.open(server["base"] / curve.get("type", "temp") / curve.get("subfolder", "") / curve["filename"])
     assert shown.size == (768, 384)
