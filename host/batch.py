@@ -1,7 +1,7 @@
 """Several identities learned together through the host's UNet: chunks of N identities per pass.
 
-Training is launch-bound on a GPU (bench/RESULTS.md: ~44 ms of GPU work in a 258-383 ms SD1 step), so N identities
-in one UNet batch cost little more than one. How many fit is estimated from the measured peak memory of one
+Training is launch-bound on a GPU (bench/RESULTS.md: ~43 ms of GPU work in a 150 ms SD1 step), so N identities in
+one UNet batch cost less than N passes (H200, block G: 2.4x fewer seconds per SD1 identity at 8, 1.4x for SDXL). How many fit is estimated from the measured peak memory of one
 identity (bench/RESULTS.md, H100, fp16 weights) scaled by pixel count; a chunk that still runs out of memory is
 split in two and learned again from its start (logged), so the default never ends in an out-of-memory error.
 """
@@ -22,10 +22,13 @@ from .backend import ComfyTrainingBackend
 log = logging.getLogger(__name__)
 
 # activation memory of ONE identity's training step at the family's native size, fp16 weights (bench/RESULTS.md:
-# peak while learning minus the weights): SD1 512 px ~2.0 GiB (reference in batch), SDXL 1024 px ~12.5 GiB
+# peak while learning minus the weights): SD1 512 px ~2.0 GiB (reference in batch), SDXL 1024 px ~12.5 GiB; the
+# slope measured on an H200 (block G) is lower, 1.5 and 11.1 GiB per extra identity: these keep a margin
 PER_IDENTITY_GIB = {"sd1": 2.0, "sdxl": 12.5}
 NATIVE_PIXELS = {"sd1": 512 ** 2, "sdxl": 1024 ** 2}
-CHECKPOINTING_FACTOR = 0.3  # gradient checkpointing keeps ~1/8 of the saved tensors; recompute buffers remain
+# gradient checkpointing keeps ~1/8 of the saved tensors, but recompute buffers remain: SDXL 1024 px on an H200,
+# reference in batch, measured 5.6 GiB per extra identity against 11.1 without (bench/RESULTS.md, block G)
+CHECKPOINTING_FACTOR = 0.5
 MAX_PER_PASS = 16
 
 
