@@ -1,4 +1,4 @@
-"""The shared workflows in workflows/: valid against the running server, runnable end to end over HTTP,
+"""The shared workflows in example_workflows/ (the template browser's files): valid against the running server, runnable end to end over HTTP,
 and loadable (and queueable) in the real ComfyUI page in a headless Chromium.
 
 The files are written by tools/make_workflows.py. SDXL workflows run here with the tiny SD1 checkpoint
@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
+import harness
 import pytest
 import requests
 from harness import PACK_ROOT
@@ -22,8 +22,9 @@ from helpers import run_prompt, wait_for_prompt
 
 pytestmark = pytest.mark.server
 
-UI_FILES = sorted((PACK_ROOT / "workflows").glob("*.json"))
-API_DIR = PACK_ROOT / "workflows" / "api"
+WORKFLOWS = PACK_ROOT / "example_workflows"
+UI_FILES = sorted(WORKFLOWS.glob("*.json"))
+API_DIR = WORKFLOWS / "api"
 ARTIFACTS = PACK_ROOT / "test-artifacts"
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -84,25 +85,40 @@ def object_info(server) -> dict:
     return requests.get(f"{server['url']}/object_info", timeout=60).json()
 
 
+def _maker():
+    import importlib.util
+
+    if "make_workflows" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_workflows", PACK_ROOT / "tools" / "make_workflows.py")
+        maker = importlib.util.module_from_spec(spec)
+        sys.modules["make_workflows"] = maker  # its dataclasses look their module up
+        spec.loader.exec_module(maker)
+    return sys.modules["make_workflows"]
+
+
 def test_the_pack_ships_the_workflows_a_newcomer_needs():
-    names = {p.stem for p in UI_FILES}
-    assert {"sefi_1_learn_sd1", "sefi_2_generate_sd1", "sefi_3_learn_sdxl", "sefi_4_generate_sdxl",
-            "sefi_5_two_identities", "sefi_6_learn_and_generate"} <= names
-    assert {p.stem for p in API_DIR.glob("*.json")} == names
+    m = _maker()
+    names = [p.stem for p in UI_FILES]
+    assert names == [m.QUICK_START, m.LEARN_SD1, m.GENERATE_SD1, m.TWO_PEOPLE, m.LEARN_SDXL, m.GENERATE_SDXL,
+                     m.LEARN_PET]  # sorted by name = the order to try them (the browser's A-Z sort)
+    assert {p.stem for p in API_DIR.glob("*.json")} == set(names)
+    for name in names:  # the browser shows the name as the title and as the description ('-' and '_' as spaces)
+        assert name[0].isdigit() and not set(name) & set("-_"), name
+        thumbnail = WORKFLOWS / f"{name}.jpg"  # the card's picture
+        assert thumbnail.is_file(), f"{thumbnail.name}: run tools/make_pictures.py"
+        from PIL import Image
+
+        with Image.open(thumbnail) as picture:
+            assert picture.format == "JPEG" and picture.size == (400, 400)
 
 
 def test_the_files_are_what_tools_make_workflows_writes():
     """Both formats come from one description; a hand edit or a node change not regenerated shows up here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_workflows", PACK_ROOT / "tools" / "make_workflows.py")
-    maker = importlib.util.module_from_spec(spec)
-    sys.modules["make_workflows"] = maker  # its dataclasses look their module up
-    spec.loader.exec_module(maker)
+    maker = _maker()
     graphs = maker.all_workflows(maker.node_specs())
     assert set(graphs) == {p.stem for p in UI_FILES}
     for name, graph in graphs.items():
-        assert json.loads((PACK_ROOT / "workflows" / f"{name}.json").read_text()) == graph.ui(), name
+        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == graph.ui(), name
         assert json.loads((API_DIR / f"{name}.json").read_text()) == graph.api(), name
 
 
@@ -155,8 +171,11 @@ def test_the_template_browser_lists_our_workflows(server):
     templates = requests.get(f"{server['url']}/workflow_templates", timeout=30).json()
     ours = next(v for k, v in templates.items() if k == "ComfyUI-SeFi-IDE")
     assert sorted(ours) == sorted(p.stem for p in UI_FILES)
-    served = requests.get(f"{server['url']}/api/workflow_templates/ComfyUI-SeFi-IDE/{UI_FILES[0].name}", timeout=30)
-    assert served.ok and served.json() == json.loads(UI_FILES[0].read_text())
+    for path in UI_FILES:  # names with spaces and brackets are served (the browser asks for them URL-encoded)
+        served = requests.get(f"{server['url']}/api/workflow_templates/ComfyUI-SeFi-IDE/{path.name}", timeout=30)
+        assert served.ok and served.json() == json.loads(path.read_text())
+        picture = requests.get(f"{server['url']}/api/workflow_templates/ComfyUI-SeFi-IDE/{path.stem}.jpg", timeout=30)
+        assert picture.ok and picture.content == path.with_suffix(".jpg").read_bytes()
 
 
 # --- running them --------------------------------------------------------------------------------------
@@ -268,44 +287,35 @@ def test_every_workflow_runs_end_to_end_over_http(server):
     face = upload_face(server)
     ran = set()
 
+    m = _maker()
+
     def run_file(stem: str) -> None:
-        graph = small(api_file(PACK_ROOT / "workflows" / f"{stem}.json"), face)
+        graph = small(api_file(WORKFLOWS / f"{stem}.json"), face)
         assert_outputs_on_disk(server, graph, run(server, graph))
         ran.add(stem)
 
-    run_file("sefi_1_learn_sd1")  # saves my_person, which the generate workflow loads
-    run_file("sefi_2_generate_sd1")
-    run_file("sefi_3_learn_sdxl")
-    run_file("sefi_4_generate_sdxl")
+    run_file(m.LEARN_SD1)  # saves my_person, which the generate workflow loads
+    run_file(m.GENERATE_SD1)
+    run_file(m.LEARN_SDXL)
+    run_file(m.GENERATE_SDXL)
     run(server, two_identities_setup(face))  # alice and bob, which the two-people workflow loads
-    run_file("sefi_5_two_identities")
-    run_file("sefi_6_learn_and_generate")
-    run_file("sefi_7_learn_pet")
+    run_file(m.TWO_PEOPLE)
+    run_file(m.QUICK_START)
+    run_file(m.LEARN_PET)
     assert ran == {p.stem for p in UI_FILES}
 
 
 # --- in the real page ------------------------------------------------------------------------------------
 def _browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
+    browser = harness.chromium()
+    if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium/chromedriver missing: .ci/setup_env.sh installs them (apt)")
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1600,1000"):
-        opts.add_argument(arg)
-    opts.binary_location = chromium
-    browser = webdriver.Chrome(service=Service(driver), options=opts)
-    browser.set_script_timeout(120)
     return browser
 
 
-LOAD = """const done = arguments[arguments.length - 1];
-window.app.loadGraphData(arguments[0]).then(() => done('ok'), e => done('error: ' + e));"""
+LOAD = harness.LOAD_GRAPH
 FIT_VIEW = "try { window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {}"
 STATE = """return {
   dialogs: [...document.querySelectorAll('.p-dialog')].map(e => e.innerText.slice(0, 300)),
@@ -334,12 +344,7 @@ def test_workflows_load_in_the_real_page_and_one_runs_from_it(server, object_inf
     browser = _browser()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
-        browser.get(server["url"] + "/")
-        deadline = time.time() + 120
-        while not browser.execute_script("return !!(window.app && window.app.graph && window.LiteGraph)"):
-            assert time.time() < deadline, "the ComfyUI page did not start"
-            time.sleep(0.5)
-        time.sleep(2)
+        harness.open_comfyui_page(browser, server["url"])
         for path in UI_FILES:
             assert browser.execute_async_script(LOAD, json.loads(path.read_text())) == "ok"
             browser.execute_script(FIT_VIEW)
@@ -357,7 +362,7 @@ def test_workflows_load_in_the_real_page_and_one_runs_from_it(server, object_inf
                         assert n["widgets"][name] == value, f"{path.name} node {n['id']}: {name}"
 
         # queue the quickest workflow from the page itself and wait for its images
-        quick = next(p for p in UI_FILES if p.stem == "sefi_6_learn_and_generate")
+        quick = WORKFLOWS / f"{_maker().QUICK_START}.json"
         before = set(requests.get(f"{server['url']}/history", timeout=30).json())
         assert browser.execute_async_script(LOAD, _small_ui(json.loads(quick.read_text()), object_info, face)) == "ok"
         time.sleep(1)

@@ -1,5 +1,8 @@
-"""Writes the shared workflows: `workflows/<name>.json` (UI format, what a user drags onto the page) and
-`workflows/api/<name>.json` (API format, what POST /prompt takes), both from one description per graph.
+"""Writes the shared workflows: `example_workflows/<name>.json` (UI format: what ComfyUI's template browser lists
+and a user drags onto the page) and `example_workflows/api/<name>.json` (API format, what POST /prompt takes), both
+from one description per graph. The template browser titles an extension's templates by their file names and
+shows `<name>.jpg` beside each as its picture (tools/make_pictures.py), so the names are titles, numbered in the
+order a newcomer should try them.
 
     ~/.cache/sefi-ide/venv/bin/python tools/make_workflows.py
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "workflows"
+OUT = ROOT / "example_workflows"
 sys.path.insert(0, str(ROOT / "tests"))
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -262,7 +265,8 @@ def generate(specs, family: str) -> Graph:
 
 - Checkpoint: the same family the identity was learned on ({'SD1.x' if family == 'sd1' else 'SDXL'}); \
 other fine-tunes of that family work too.
-- Load ID Embedding: pick the file the 'learn' workflow saved.
+- Load ID Embedding: pick the file the 'Learn a face and save it ({'SD1' if family == 'sd1' else 'SDXL'})' \
+template saved.
 - Write <id> (the identity's placeholder) where the person goes. Each branch is one prompt: a scene, an \
 action with an object, and two facial attributes.
 - Apply Per-Stage ID Tokens gives the MODEL and positive CONDITIONING to an ordinary KSampler; LoRAs, \
@@ -280,7 +284,7 @@ def two_identities(specs) -> Graph:
     g = Graph(specs)
     g.note(0, 0, """Two people in one image (SD1.x; for SDXL pick an SDXL checkpoint and identities).
 
-- Learn each person with the 'learn' workflow under its own placeholder and file name: <alice> -> alice, \
+- Learn each person with the 'Learn a face and save it (SD1)' template under its own placeholder and file name: <alice> -> alice, \
 <bob> -> bob (a shared placeholder is refused).
 - Write both placeholders in the prompt. Up to four identities can be connected.
 - To place each person on one side, put an 'ID Embedding Options' node between a loader and the apply \
@@ -312,15 +316,25 @@ def learn_and_generate(specs) -> Graph:
     return g
 
 
+# file names = the template browser's titles (no '-' or '_': its descriptions turn them into spaces)
+QUICK_START = "1 Learn a face and use it at once (SD1)"
+LEARN_SD1 = "2 Learn a face and save it (SD1)"
+GENERATE_SD1 = "3 Put a saved face in any prompt (SD1)"
+TWO_PEOPLE = "4 Two people in one picture (SD1)"
+LEARN_SDXL = "5 Learn a face and save it (SDXL)"
+GENERATE_SDXL = "6 Put a saved face in any prompt (SDXL)"
+LEARN_PET = "7 Learn a pet (SD1)"
+
+
 def all_workflows(specs) -> dict[str, Graph]:
     return {
-        "sefi_1_learn_sd1": learn(specs, "sd1"),
-        "sefi_2_generate_sd1": generate(specs, "sd1"),
-        "sefi_3_learn_sdxl": learn(specs, "sdxl"),
-        "sefi_4_generate_sdxl": generate(specs, "sdxl"),
-        "sefi_5_two_identities": two_identities(specs),
-        "sefi_6_learn_and_generate": learn_and_generate(specs),
-        "sefi_7_learn_pet": learn(specs, "sd1", subject="pet"),
+        QUICK_START: learn_and_generate(specs),
+        LEARN_SD1: learn(specs, "sd1"),
+        GENERATE_SD1: generate(specs, "sd1"),
+        TWO_PEOPLE: two_identities(specs),
+        LEARN_SDXL: learn(specs, "sdxl"),
+        GENERATE_SDXL: generate(specs, "sdxl"),
+        LEARN_PET: learn(specs, "sd1", subject="pet"),
     }
 
 
