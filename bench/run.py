@@ -93,8 +93,8 @@ class TimedBackend:
         self.times[key] += time.perf_counter() - t
         return out
 
-    def target_contexts(self, rows):
-        return self._timed("text encoding", self._b.target_contexts, rows)
+    def target_contexts(self, rows, pooled_of=None):
+        return self._timed("text encoding", self._b.target_contexts, rows, pooled_of)
 
     def latents(self, images):
         return self._timed("vae latents", self._b.latents, images)

@@ -31,7 +31,8 @@ class TrainingBackend(Protocol):
 
     def base_vectors(self) -> dict[str, torch.Tensor]: ...
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # (context, pooled)
-    def target_contexts(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+    def target_contexts(self, rows: dict[str, torch.Tensor],  # pooled of row 0, or of each row in pooled_of
+                        pooled_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
     def latents(self, images: torch.Tensor) -> torch.Tensor: ...
     def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor: ...
     def predict_noise(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, context_k: torch.Tensor,
@@ -272,14 +273,16 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
             k, v = gen()
             r[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
         rows.append(r)
-    if N == 1 or backend.family == "sd1":  # one text-encoder call (SD1 has no pooled output to keep apart)
-        contexts, pooled = backend.target_contexts({enc: torch.cat([r[enc] for r in rows]) for enc in rows[0]})
-        per_identity = contexts.split(2 * B)
-        pooled_rows = None if pooled is None else pooled.expand(B, -1)  # N == 1: K rows first, pooled from K
-    else:  # SDXL: each identity's pooled output comes from its own K token, so one call each
-        encoded = [backend.target_contexts(r) for r in rows]
-        per_identity = [c for c, _ in encoded]
-        pooled_rows = torch.cat([p.expand(B, -1) for _, p in encoded])
+    # ONE text-encoder call for every identity's K and V rows; SDXL's pooled output: each identity's from its own
+    # first K row (what a call of its own returns), B rows each
+    joined = {enc: torch.cat([r[enc] for r in rows]) for enc in rows[0]}
+    if N == 1 or backend.family == "sd1":  # SD1 has no pooled output to keep apart
+        contexts, pooled = backend.target_contexts(joined)
+        pooled_rows = None if pooled is None else pooled.expand(B, -1)
+    else:
+        contexts, pooled = backend.target_contexts(joined, pooled_of=[2 * B * i for i in range(N)])
+        pooled_rows = pooled.repeat_interleave(B, dim=0)
+    per_identity = contexts.split(2 * B)
     ctx_k = torch.cat([c[:B] for c in per_identity])
     ctx_v = torch.cat([c[B:] for c in per_identity])
     z0_rows = torch.cat(z0s)

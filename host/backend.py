@@ -92,12 +92,16 @@ class ComfyTrainingBackend:
             ctx, pooled = encode_variants(self.clip, [self._ref_tokens])
         return ctx.to(self.device), pooled
 
-    def target_contexts(self, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Contexts (n, T, D) for the target prompt with row i injected, and the pooled output of row 0
-        (SDXL: from OpenCLIP-G; the training loop puts a K token first, so pooled comes from the K path)."""
+    def target_contexts(self, rows: dict[str, torch.Tensor],
+                        pooled_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Contexts (n, T, D) for the target prompt with row i injected, in ONE text-encoder call, and the pooled
+        output of row 0 (1, D), or of each row in `pooled_of` (len, D) (SDXL: from OpenCLIP-G; the training loop
+        puts each identity's K token first among its rows, so its pooled output comes from the K path)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
-        ctx, pooled = encode_variants(self.clip, variants)
+        ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None)
+        if pooled_of is not None and pooled is not None:
+            pooled = pooled[pooled_of]
         return ctx.to(self.device), pooled
 
     # --- images -----------------------------------------------------------------------------

@@ -7,8 +7,10 @@ replaced by the vectors.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -158,18 +160,41 @@ def _clone_saved_activations(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if (t.requires_grad and t.grad_fn is not None) else t
 
 
-def encode_variants(clip, variants: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_variants(clip, variants: list[dict], every_pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode several token dicts of equal length in one text-encoder call; contexts (V, T, D) and the pooled
-    output of the first. One variant is encoded exactly as CLIPTextEncode encodes a prompt. Differentiable
-    w.r.t. injected vectors when gradients are enabled.
+    output of the first (1, D), or with `every_pooled` of each variant (V, D). One variant is encoded exactly as
+    CLIPTextEncode encodes a prompt. Differentiable w.r.t. injected vectors when gradients are enabled.
     """
     merged = {key: [chunk for v in variants for chunk in v[key]] for key in variants[0]}
-    if not torch.is_grad_enabled():
-        cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
-    else:
-        with frozen_pass():  # before the swap, the host's way: the encode below finds the weights in place
-            clip.load_model()
-        with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
-            cond, pooled = grad_pass(clip.cond_stage_model,
-                                     lambda: clip.encode_from_tokens(merged, return_pooled=True))
+    with _pooled_rows(clip) if every_pooled else contextlib.nullcontext([]) as pooled_calls:
+        if not torch.is_grad_enabled():
+            cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
+        else:
+            with frozen_pass():  # before the swap, the host's way: the encode below finds the weights in place
+                clip.load_model()
+            with torch.autograd.graph.saved_tensors_hooks(_clone_saved_activations, lambda t: t):
+                cond, pooled = grad_pass(clip.cond_stage_model,
+                                         lambda: clip.encode_from_tokens(merged, return_pooled=True))
+    if every_pooled:
+        if len(pooled_calls) != 1 or pooled_calls[0] is None:
+            raise SeFiError(f"Expected one pooled text-encoder output, got {len(pooled_calls)}.")
+        sections = len(next(iter(merged.values()))) // len(variants)  # 77-token sections per variant
+        pooled = pooled_calls[0][::sections][:len(variants)].to(pooled)  # each variant's first section
     return cond.reshape(len(variants), -1, cond.shape[-1]), pooled
+
+
+@contextlib.contextmanager
+def _pooled_rows(clip) -> Iterator[list[torch.Tensor]]:
+    """The pooled output of EVERY section of the text-encoder call made inside. The host returns only the first
+    section's; the sub-model it takes it from (SDXL: OpenCLIP-G) computes all of them, so a forward hook there
+    reads them (the same tensors, in the autograd graph)."""
+    model = clip.cond_stage_model
+    source = getattr(model, "clip_g", None) or getattr(model, getattr(model, "clip", ""), None)
+    if source is None:
+        raise SeFiError(f"This text encoder ({type(model).__name__}) has no per-row pooled output to read.")
+    calls: list[torch.Tensor] = []
+    handle = source.register_forward_hook(lambda module, args, out: calls.append(out[1]))
+    try:
+        yield calls
+    finally:
+        handle.remove()

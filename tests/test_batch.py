@@ -89,6 +89,36 @@ def test_both_identities_share_each_unet_pass(sd1):
     assert rows == [4, 4]  # per step: 2 identities x (reference + target row), one pass
 
 
+def test_sdxl_identities_share_one_text_encoder_call_and_each_keeps_its_own_pooled_output(sdxl):
+    """SDXL's pooled output (the UNet's `y`) is each identity's own, from its first K row: read from the one call
+    for all identities, it equals what a call of its own returns."""
+    from helpers import close
+    from sefi_ide.core.training import train_identities
+    from sefi_ide.host.grad_scope import training_scope
+
+    jobs = _jobs(steps=2)
+    clip_g = sdxl[1].cond_stage_model.clip_g
+    calls = []
+    hook = clip_g.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    try:
+        with torch.inference_mode(), training_scope():
+            backend = _backend(sdxl, jobs[0].settings)
+            g = torch.Generator().manual_seed(3)
+            rows = {enc: torch.randn(4, width, generator=g) * 0.02 for enc, width in backend.encoders.items()}
+            calls.clear()
+            joined, pooled = backend.target_contexts(rows, pooled_of=[0, 2])
+            alone = [backend.target_contexts({enc: r[2 * i:2 * i + 2] for enc, r in rows.items()}) for i in (0, 1)]
+            assert calls == [4, 2, 2]  # sections per call: all four rows at once, then two each
+            for i, (ctx, own_pooled) in enumerate(alone):
+                assert close(joined[2 * i:2 * i + 2], ctx) and close(pooled[i], own_pooled[0])
+            assert not close(pooled[0], pooled[1])
+            calls.clear()
+            train_identities(backend, jobs)
+    finally:
+        hook.remove()
+    assert calls == [1, 4, 4]  # the reference prompt once, then per step one call: 2 identities x (K + V)
+
+
 def test_a_diverging_identity_stops_at_its_last_good_state_and_spoils_nothing(sd1):
     from sefi_ide.core.training import train_identities, train_identity
     from sefi_ide.host.grad_scope import training_scope

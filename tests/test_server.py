@@ -231,29 +231,38 @@ def test_queued_load_completes_without_leaks_between_identities(server):
     run_prompt(server, _learn_apply_graph("load.png", "<bob> on a boat"))
     baseline = proc.memory_info().rss
 
-    ids = []
-    for i in range(20):
-        name = "ann" if i % 2 == 0 else "ben"
-        r = requests.post(f"{server['url']}/prompt", json={"prompt": _generation_graph(name, f"load_{name}_{i:02d}")},
-                          timeout=30)
-        assert r.ok, r.text
-        ids.append(r.json()["prompt_id"])
-        if i % 7 == 3:  # three learning runs interleaved with the generations
-            learn = _learn_apply_graph("load.png", "<bob> on a boat")
-            learn["learn"]["inputs"]["seed"] = i
-            learn["save"]["inputs"]["filename_prefix"] = f"learn_{i:02d}"
-            ids.append(requests.post(f"{server['url']}/prompt", json={"prompt": learn}, timeout=30).json()["prompt_id"])
-    assert len(ids) == 23
-    deadline = time.time() + 900
-    pending = set(ids)
-    while pending and time.time() < deadline:
-        hist = requests.get(f"{server['url']}/history", params={"max_items": 200}, timeout=30).json()
-        for pid in list(pending):
-            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                assert hist[pid]["status"]["status_str"] == "success", hist[pid]["status"]
-                pending.discard(pid)
-        time.sleep(1)
-    assert not pending, f"{len(pending)} prompts did not finish"
+    def queue_and_wait(first: int, last: int) -> list[str]:
+        """Generations first..last-1, alternating ann / ben, with a learning run after the 4th of each ten."""
+        ids = []
+        for i in range(first, last):
+            name = "ann" if i % 2 == 0 else "ben"
+            r = requests.post(f"{server['url']}/prompt",
+                              json={"prompt": _generation_graph(name, f"load_{name}_{i:02d}")}, timeout=30)
+            assert r.ok, r.text
+            ids.append(r.json()["prompt_id"])
+            if i % 10 == 3:  # learning runs interleaved with the generations
+                learn = _learn_apply_graph("load.png", "<bob> on a boat")
+                learn["learn"]["inputs"]["seed"] = i
+                learn["save"]["inputs"]["filename_prefix"] = f"learn_{i:02d}"
+                ids.append(requests.post(f"{server['url']}/prompt", json={"prompt": learn},
+                                         timeout=30).json()["prompt_id"])
+        deadline = time.time() + 600
+        pending = set(ids)
+        while pending and time.time() < deadline:
+            hist = requests.get(f"{server['url']}/history", params={"max_items": 200}, timeout=30).json()
+            for pid in list(pending):
+                if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
+                    assert hist[pid]["status"]["status_str"] == "success", hist[pid]["status"]
+                    pending.discard(pid)
+            time.sleep(1)
+        assert not pending, f"{len(pending)} prompts did not finish"
+        return ids
+
+    # two equal halves (10 generations + 1 learning run each): a leak grows the server in both; the allocator's
+    # pools settle in the first (measured once: +740 MiB over 23 prompts in the full suite, none alone)
+    assert len(queue_and_wait(0, 10)) == 11
+    settled = proc.memory_info().rss
+    assert len(queue_and_wait(10, 20)) == 11
 
     out = server["base"] / "output"
     ann = sorted(out.glob("load_ann_*.png"))
@@ -263,8 +272,10 @@ def test_queued_load_completes_without_leaks_between_identities(server):
     assert all(np.array_equal(pixels_of[0], p) for p in pixels_of[:10])  # same seed + identity: same image
     assert all(np.array_equal(pixels_of[10], p) for p in pixels_of[10:])  # no leak from the other identity
     assert not np.array_equal(pixels_of[0], pixels_of[10])
-    grown = proc.memory_info().rss - baseline
-    assert grown < 0.15 * baseline, f"server memory grew by {grown / 2**20:.0f} MiB over {baseline / 2**20:.0f} MiB"
+    grown = proc.memory_info().rss - settled
+    assert grown < 0.10 * baseline, (f"server memory grew by {grown / 2**20:.0f} MiB in the second half "
+                                     f"({(settled - baseline) / 2**20:.0f} MiB in the first) over "
+                                     f"{baseline / 2**20:.0f} MiB")
 
 
 def test_learning_shows_the_identity_attention_as_a_live_preview_and_outputs_a_loss_curve(server):
