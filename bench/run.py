@@ -5,6 +5,7 @@ sampling-time ratio with vs without identity tokens, measured in one run on what
     python bench/run.py --family sdxl --arch full         # SDXL-architecture, random weights, 1024 px
     python bench/run.py --family sd1 --arch tiny --steps 5 --resolution 64   # the test models (CPU smoke run)
     python bench/run.py --family sd1 --arch narrow --resolution 64          # host overhead, see below
+    python bench/run.py --family sdxl --identities 1,4,8 --sample-steps 0  # several identities per pass, a row each
 
 `--arch narrow` keeps the full architecture's depth (every block, layer and op of SD1.4 / SDXL) at a tiny
 width (UNet channels 32 / 64): each op costs almost nothing, so its step time is the per-op host cost
