@@ -1,9 +1,10 @@
 """Several identities learned together through the host's UNet: chunks of N identities per pass.
 
 Training is launch-bound on a GPU (bench/RESULTS.md: ~43 ms of GPU work in a 150 ms SD1 step), so N identities in
-one UNet batch cost less than N passes (H200, block G: 2.4x fewer seconds per SD1 identity at 8, 1.4x for SDXL). How many fit is estimated from the measured peak memory of one
-identity (bench/RESULTS.md, H100, fp16 weights) scaled by pixel count; a chunk that still runs out of memory is
-split in two and learned again from its start (logged), so the default never ends in an out-of-memory error.
+one UNet batch cost less than N passes (H200, block G: 2.4x fewer seconds per SD1 identity at 8, 1.4x for SDXL).
+How many fit is estimated from the measured peak memory of one identity (bench/RESULTS.md, H100, fp16 weights)
+scaled by pixel count; a chunk that still runs out of memory is split in two and learned again from its start
+(logged), so the default never ends in an out-of-memory error.
 """
 from __future__ import annotations
 

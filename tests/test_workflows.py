@@ -1,5 +1,5 @@
-"""The shared workflows in example_workflows/ (the template browser's files): valid against the running server, runnable end to end over HTTP,
-and loadable (and queueable) in the real ComfyUI page in a headless Chromium.
+"""The shared workflows in example_workflows/ (the template browser's files): valid against the running server,
+runnable end to end over HTTP, and loadable (and queueable) in the real ComfyUI page in a headless Chromium.
 
 The files are written by tools/make_workflows.py. SDXL workflows run here with the tiny SD1 checkpoint
 substituted (no SDXL-detected checkpoint is small enough for CI): that proves their graphs; the SDXL code
@@ -97,6 +97,8 @@ def _maker():
 
 
 def test_the_pack_ships_the_workflows_a_newcomer_needs():
+    from PIL import Image
+
     m = _maker()
     names = [p.stem for p in UI_FILES]
     assert names == [m.QUICK_START, m.LEARN_SD1, m.GENERATE_SD1, m.TWO_PEOPLE, m.LEARN_SDXL, m.GENERATE_SDXL,
@@ -106,8 +108,6 @@ def test_the_pack_ships_the_workflows_a_newcomer_needs():
         assert name[0].isdigit() and not set(name) & set("-_"), name
         thumbnail = WORKFLOWS / f"{name}.jpg"  # the card's picture
         assert thumbnail.is_file(), f"{thumbnail.name}: run tools/make_pictures.py"
-        from PIL import Image
-
         with Image.open(thumbnail) as picture:
             assert picture.format == "JPEG" and picture.size == (400, 400)
 

@@ -20,34 +20,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 import harness
+import make_workflows
 
 WORKFLOWS = ROOT / "example_workflows"
 DOCS = ROOT / "docs"
 THUMBNAIL = 400  # the template browser's cards are square; ComfyUI's own templates use 400 px
 SCALE = 0.85  # canvas zoom of the pictures: LiteGraph draws node text only above ~0.6
 LEFT, TOP, MARGIN = 90, 160, 24  # place the graph right of the side bar and below the menus
-NOTE_COLUMN = 430  # every workflow's first column holds its note (tools/make_workflows.py COL): not on the card
+NOTE_COLUMN = make_workflows.COL  # every workflow's first column holds its note: not on the card
 CARD_SOURCE = 760  # at most this many pixels of the picture go into a card (still readable at 400)
-README_PICTURES = {"1 Learn a face and use it at once (SD1)": "workflow.png",
-                   "2 Learn a face and save it (SD1)": "workflow-learn.png"}
+README_PICTURES = {make_workflows.QUICK_START: "workflow.png", make_workflows.LEARN_SD1: "workflow-learn.png"}
 PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
                  "Comfy.Graph.CanvasMenu": False}
 
-PLACE = """const [scale, left, top] = arguments;
-const nodes = window.app.graph._nodes;
-const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+BOUNDS = """const nodes = window.app.graph._nodes, title = window.LiteGraph.NODE_TITLE_HEIGHT;
 const x0 = Math.min(...nodes.map(n => n.pos[0])), y0 = Math.min(...nodes.map(n => n.pos[1] - title));
 const x1 = Math.max(...nodes.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...nodes.map(n => n.pos[1] + n.size[1]));
+"""  # the nodes' bounding box in graph units, title bars included
+NODE_EXTENT = BOUNDS + "return [x1 - x0, y1 - y0];"
+PLACE = BOUNDS + """const [scale, left, top] = arguments;
 const ds = window.app.canvas.ds;
 ds.scale = scale;
 ds.offset = [left / scale - x0, top / scale - y0];
 window.app.canvas.setDirty(true, true);
 const rect = window.app.canvas.canvas.getBoundingClientRect();
 return [rect.left + left, rect.top + top, rect.left + left + (x1 - x0) * scale, rect.top + top + (y1 - y0) * scale];"""
-NODE_EXTENT = """const nodes = window.app.graph._nodes, title = window.LiteGraph.NODE_TITLE_HEIGHT;
-return [Math.max(...nodes.map(n => n.pos[0] + n.size[0])) - Math.min(...nodes.map(n => n.pos[0])),
-        Math.max(...nodes.map(n => n.pos[1] + n.size[1])) - Math.min(...nodes.map(n => n.pos[1] - title))];"""
 
 
 def picture(browser, graph: dict):
