@@ -57,6 +57,26 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class HostWaits:
+    """How often the host waits for the GPU (CUDA's synchronising calls: a copy to or from pageable memory, .item(),
+    nonzero, ...) until `stop()`, counted with torch's sync debug mode. None on a CPU."""
+
+    def __init__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings(record=True)
+        self._seen = self._catch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> int:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catch.__exit__(None, None, None)
+        return sum("synchronizing" in str(w.message) for w in self._seen)
+
+
+
+
 def build(family: str, arch: str, dtype: torch.dtype | None = None):
     """(MODEL, CLIP, VAE) under inference mode, as the host would hand them to a node."""
     import tiny_models
@@ -128,6 +148,9 @@ def main() -> None:
                     help="identities learned together, in one UNet batch per step (train_identities); "
                          "a list such as 1,4,8 measures each on the same models, one row each")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
+    ap.add_argument("--phases", action="store_true",
+                    help="time each phase of a step (text, reference, target forward, VAE); the timer waits for the "
+                         "GPU around each phase, which makes the step itself slower: off for the step-time rows")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -180,20 +203,29 @@ def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
     last = [time.perf_counter()]
     profiler = torch.profiler.profile() if args.profile else None
 
+    waits: list[int] = []
+    counting: list[HostWaits] = []
+
     def on_step(step, steps, record):
+        if counting and not waits:  # the step after the one that started the count has ended
+            waits.append(counting[0].stop())
         if step == 2 and profiler is not None:
             profiler.start()
         if step == 4 and profiler is not None:
             profiler.stop()
         if step == warmup:
-            warm.update(backend.times)
+            warm.update(getattr(backend, "times", {}))
         sync()
         now = time.perf_counter()
         step_times.append(now - last[0])
         last[0] = now
+        if step == warmup - 1 and torch.cuda.is_available():
+            counting.append(HostWaits())  # counts the last warm-up step
 
     with training_scope():
-        backend = TimedBackend(ComfyTrainingBackend(model, clip, vae, settings))
+        backend = ComfyTrainingBackend(model, clip, vae, settings)
+        if args.phases:
+            backend = TimedBackend(backend)
         sync()
         last[0] = time.perf_counter()
         result = train_identities(backend, jobs, on_step=on_step)[0]
@@ -203,9 +235,11 @@ def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
             print(profiler.key_averages().table(sort_by=key, row_limit=14))
     timed = step_times[warmup:]
     per_step = sum(timed) / len(timed)
-    phases = {k: (v - warm[k]) / len(timed) for k, v in backend.times.items()}  # after the warm-up steps
-    phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
-    return {"R": R, "per_step": per_step, "phases": phases, "peak": peak_memory(rss_at_start)}, result.identity
+    phases = {k: (v - warm[k]) / len(timed) for k, v in getattr(backend, "times", {}).items()}  # after warm-up
+    if phases:
+        phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
+    return ({"R": R, "per_step": per_step, "phases": phases, "peak": peak_memory(rss_at_start),
+             "host_waits": waits[0] if waits else None}, result.identity)
 
 
 def measure_sampling(args, model, clip, identity) -> dict:
@@ -260,6 +294,8 @@ def report(args, m: dict, model) -> None:
             ("reference pass in target batch", args.reference_in_batch), ("identities per pass", N),
             ("gradient checkpointing", "on" if args.gradient_checkpointing else "off")]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in m["phases"].items()]
+    if m.get("host_waits") is not None:
+        rows += [("host waits for the GPU, per step", str(m["host_waits"]))]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
              (f"learning time at {DEFAULT_STEPS} steps, per identity", f"{per_step * DEFAULT_STEPS / N:.1f} s"),
              ("peak GPU memory (training)" if torch.cuda.is_available() else "peak host memory added by training",

@@ -18,6 +18,7 @@ from .generator import GENERATOR_VERSION, TokenGenerator
 from .identity import Identity, image_sha256, token_norms
 from .loss_scale import LossScale
 from .losses import attention_loss, ldm_loss
+from .noise import NoiseStream, to_device
 from .settings import TrainSettings
 from .stages import stage_of_timestep
 
@@ -28,6 +29,7 @@ class TrainingBackend(Protocol):
     placeholder_index: int  # token position of the placeholder in the target prompt
     eos_index: int
     compute_dtype: torch.dtype  # the host's UNet compute dtype: fp16 gets loss scaling
+    device: torch.device  # where the UNet runs: the generators, their Adam and the augmentation run there too
 
     def base_vectors(self) -> dict[str, torch.Tensor]: ...
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]: ...  # (context, pooled)
@@ -59,34 +61,47 @@ class TrainingStopped(Exception):
 
 
 def _optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str]) -> dict[str, torch.Tensor]:
+    """One identity's Adam moments (`names`: its parameters) out of the optimizer all identities share."""
     out = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            out[f"{names[param]}.{key}"] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone()
+    for param, name in names.items():
+        for key, value in optimizer.state.get(param, {}).items():
+            out[f"{name}.{key}"] = torch.as_tensor(value, dtype=torch.float32).detach().cpu().clone()
     return out
 
 
 LOSS_SCALE_KEY = "loss_scale"
 
 
+def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """ONE Adam for every identity's generator: Adam is elementwise per parameter, so one optimizer over all of them
+    updates each exactly as an optimizer of its own would, in one fused kernel per step where the device has one
+    (an identity that skips a step has its gradients set to None: Adam leaves those parameters and moments alone)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    fused = params[0].device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
 def _load_optimizer_state(optimizer: torch.optim.Adam, names: dict[torch.nn.Parameter, str],
                           state: dict[str, torch.Tensor]) -> None:
+    fused = bool(optimizer.defaults.get("fused"))
     for param, name in names.items():
         entries = {k[len(name) + 1:]: t for k, t in state.items() if k.startswith(name + ".")}
         if not entries:
             continue
+        step = entries["step"].to(torch.float32).reshape(()).clone()
         optimizer.state[param] = {
-            "step": entries["step"].to(torch.float32).reshape(()).clone(),
+            "step": step.to(param.device) if fused else step,  # the fused kernel counts on the device
             "exp_avg": entries["exp_avg"].to(param).clone(),
             "exp_avg_sq": entries["exp_avg_sq"].to(param).clone(),
         }
 
 
-def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings,
-                      resume: Identity | None) -> dict[str, TokenGenerator]:
-    with torch.random.fork_rng(devices=[]):
+def _build_generators(base: dict[str, torch.Tensor], settings: TrainSettings, resume: Identity | None,
+                      device: torch.device) -> dict[str, TokenGenerator]:
+    with torch.random.fork_rng(devices=[]):  # initialised on the CPU: the same start on every device
         torch.manual_seed(settings.seed)
-        gens = {enc: TokenGenerator(vec, settings.num_stages) for enc, vec in sorted(base.items())}
+        gens = {enc: TokenGenerator(vec, settings.num_stages).to(device) for enc, vec in sorted(base.items())}
     if resume is not None:
         if resume.generator_state and resume.generator_version != GENERATOR_VERSION:
             raise SeFiError(f"Cannot resume from identity '{resume.placeholder}': it was trained with generator "
@@ -120,19 +135,22 @@ class IdentityJob:
 
 @dataclass
 class _Learner:
-    """The per-identity state of a run: its own generators, Adam, loss scale, seeded t/ε stream and history."""
+    """The per-identity state of a run: its own generators, Adam moments, loss scale, seeded t/ε stream and history.
+    `images` / `mask`: the job's photos and mask on the device (the augmentation runs there)."""
 
     job: IdentityJob
+    images: torch.Tensor
+    mask: torch.Tensor | None
     generators: dict[str, TokenGenerator]
     names: dict[torch.nn.Parameter, str]
-    optimizer: torch.optim.Adam
     loss_scale: LossScale
     augmenter: torch.nn.Module
-    rng: torch.Generator
+    noise: NoiseStream
     photo_rng: torch.Generator  # which photo each row uses (several photos): apart from `rng`, so one photo = as before
     base: dict[str, torch.Tensor]
     start: int
     family: str
+    optimizer: torch.optim.Adam | None = None  # shared by every identity of the run (see `_adam`)
     history: list[dict] = field(default_factory=list)
     error: SeFiError | None = None  # diverged: it stopped at its last good state, the others go on
 
@@ -147,11 +165,10 @@ class _Learner:
 def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
     settings, resume = job.settings, job.resume
     settings.validate()
-    generators = _build_generators(backend.base_vectors(), settings, resume)
+    generators = _build_generators(backend.base_vectors(), settings, resume, backend.device)
     names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
-    optimizer = torch.optim.Adam(list(names), lr=settings.lr)
     loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
-    rng = torch.Generator().manual_seed(settings.seed)
+    noise = NoiseStream(settings.seed, settings.batch_size, settings.resolution // 8, backend.device)
     # its own stream, seeded by a 64-bit mix of the seed: unrelated to the t/ε stream `rng` draws from `seed`
     photo_rng = torch.Generator().manual_seed((settings.seed * 0x9E3779B97F4A7C15 + 0x5851F42D4C957F2D) % 2 ** 63)
     photos = job.image.shape[0]
@@ -163,16 +180,15 @@ def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
         start = resume.trained_steps
         if start >= settings.steps:
             raise SeFiError(f"The identity to resume was already trained for {start} steps; set steps above that.")
-        _load_optimizer_state(optimizer, names, resume.optimizer_state)
         loss_scale.load(resume.optimizer_state.get(LOSS_SCALE_KEY))
-    latent_side = settings.resolution // 8
+    noise.skip(start)
     for _ in range(start):
-        torch.randint(0, 1000, (settings.batch_size,), generator=rng)
-        torch.randn((settings.batch_size, 4, latent_side, latent_side), generator=rng)
         if photos > 1:
             torch.randint(0, photos, (settings.batch_size,), generator=photo_rng)
-    return _Learner(job, generators, names, optimizer, loss_scale, make_augmenter(settings), rng, photo_rng,
-                    {enc: gen.base.detach().clone() for enc, gen in generators.items()}, start, backend.family)
+    mask = None if job.mask is None else job.mask.to(backend.device)
+    return _Learner(job, job.image.to(backend.device), mask, generators, names, loss_scale, make_augmenter(settings),
+                    noise, photo_rng, {enc: gen.base.detach().cpu().clone() for enc, gen in generators.items()}, start,
+                    backend.family)
 
 
 def _shared(settings: TrainSettings) -> TrainSettings:
@@ -199,6 +215,11 @@ def train_identities(
     learners = [_learner(backend, job) for job in jobs]
     if len({L.start for L in learners}) != 1:
         raise SeFiError("Identities learned together must resume from the same step; resume them one by one.")
+    optimizer = _adam([p for L in learners for p in L.names], first.lr)
+    for L in learners:
+        L.optimizer = optimizer
+        if L.job.resume is not None and L.job.resume.optimizer_state:  # exact continuation: Adam's moments
+            _load_optimizer_state(optimizer, L.names, L.job.resume.optimizer_state)
     with torch.no_grad():
         ref_context, ref_pooled = backend.reference_context()  # frozen: "a photo of the face of person"
     try:
@@ -237,33 +258,34 @@ def train_identity(
 
 def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
                 ref_pooled: torch.Tensor | None, step: int, preview: bool = False) -> list[dict]:
-    """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> Adam (each its own)."""
+    """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> one Adam update."""
     settings = learners[0].job.settings  # shared by all but seed and placeholder
     S, B, N = settings.num_stages, settings.batch_size, len(learners)
     use_attn = settings.attn_lambda > 0
-    # data: each identity's augmented reference (and mask through the same geometric transform), one VAE call
+    # data: each identity's augmented reference (and mask through the same geometric transform), on the device;
+    # one VAE call
     images, masks = [], []
     for L in learners:
-        job = L.job
-        m = job.mask.expand(B, -1, -1, -1) if job.mask is not None else None
-        if job.image.shape[0] > 1:  # several photos of the person: each row samples one
-            photos = job.image[torch.randint(0, job.image.shape[0], (B,), generator=L.photo_rng)]
+        m = L.mask.expand(B, -1, -1, -1) if L.mask is not None else None
+        if L.images.shape[0] > 1:  # several photos of the person: each row samples one
+            photos = L.images[torch.randint(0, L.images.shape[0], (B,), generator=L.photo_rng)]
         else:
-            photos = job.image.expand(B, -1, -1, -1)
-        img, m = augment(L.augmenter, photos, m, seed=job.settings.seed * 1_000_003 + step)
+            photos = L.images.expand(B, -1, -1, -1)
+        img, m = augment(L.augmenter, photos, m, seed=L.job.settings.seed * 1_000_003 + step)
         images.append(img)
         masks.append(m)
     with torch.no_grad():
         z0_all = backend.latents(torch.cat(images))
     z0s = z0_all.split(B)
 
-    # noise: t ~ U{0..999}, ε ~ N(0, I), from each identity's own seeded stream
-    ts, epss = [], []
-    for L, z0 in zip(learners, z0s):
-        ts.append(torch.randint(0, 1000, (B,), generator=L.rng))
-        epss.append(torch.randn(z0.shape, generator=L.rng).to(z0))
-    t_all, eps_all = torch.cat(ts), torch.cat(epss)
-    stages = [stage_of_timestep(t, S) for t in ts]
+    # noise: t ~ U{0..999}, ε ~ N(0, I), from each identity's own seeded stream, already on the device (noise.py)
+    draws = [L.noise.take() for L in learners]
+    ts = [t for t, _, _ in draws]  # on the CPU, for the records
+    t_all, eps_all = torch.cat([t for _, t, _ in draws]), torch.cat([eps for _, _, eps in draws])
+    if eps_all.shape != z0_all.shape:
+        raise SeFiError(f"The VAE gives latents of shape {tuple(z0_all.shape)}; SeFi-IDE learns on 4-channel latents "
+                        f"at 1/8 of the image size (SD1.x, SDXL).")
+    stages = stage_of_timestep(t_all, S).split(B)  # on the device: picks each row's tokens without a copy
 
     # forward with each identity's current stage tokens: C^K_s from k_s, C^V_s from v_s
     rows = []
@@ -315,7 +337,7 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     for i, L in enumerate(learners):
         rows_i = slice(i * B, (i + 1) * B)
         mask_i = backend.latent_mask(masks[i], z0s[i].shape) if masks[i] is not None else None
-        l_ldm = ldm_loss(epss[i], eps_pred[rows_i], mask_i)  # L_LDM
+        l_ldm = ldm_loss(eps_all[rows_i], eps_pred[rows_i], mask_i)  # L_LDM
         if use_attn:
             heads = tgt_maps[0].shape[0] // (N * B)
             maps_i = slice(i * B * heads, (i + 1) * B * heads)
@@ -326,25 +348,31 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
         loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
         losses.append(loss * L.loss_scale.value if L.loss_scale.dynamic else loss)  # fp16's range (loss_scale.py)
         values.append((loss, l_ldm, l_attn))
-    for L in learners:
-        L.optimizer.zero_grad(set_to_none=True)
+    optimizer = learners[0].optimizer
+    optimizer.zero_grad(set_to_none=True)
     torch.stack(losses).sum().backward()
 
-    # ONE host-device sync per step: every identity's losses and gradient check come back together
+    # each identity's gradients unscaled (fp16 loss scale; by a power of two: exact) and checked for inf/NaN in ONE
+    # multi-tensor kernel, then ONE host-device sync per step: every identity's losses and check come back together
+    device = losses[0].device
+    found_inf = torch.zeros(N, device=device)
+    inv_scales = to_device(torch.tensor([1.0 / L.loss_scale.value for L in learners]), found_inf)
     checks = []
-    for L, (loss, l_ldm, l_attn) in zip(learners, values):
-        grads = [p.grad for g in L.generators.values() for p in g.parameters() if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        checks.append(torch.stack([loss.detach().float(), l_ldm.detach().float(),
-                                   l_attn.detach().float().to(loss.device), finite.to(loss.device, torch.float32)]))
-    synced = torch.stack(checks).tolist()
+    for i, (L, (loss, l_ldm, l_attn)) in enumerate(zip(learners, values)):
+        grads = [p.grad for p in L.names if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf[i:i + 1], inv_scales[i:i + 1])
+        checks.append(torch.stack([loss.detach().float(), l_ldm.detach().float(), l_attn.detach().float().to(device)]))
+    synced = torch.cat([torch.stack(checks), found_inf[:, None]], dim=1).tolist()
 
-    records = []
-    for i, (L, (loss_value, ldm_value, attn_value, grads_ok), t, stage) in enumerate(zip(learners, synced, ts, stages)):
-        records.append(_update(L, step, loss_value, ldm_value, attn_value, bool(grads_ok), int(t[0]), int(stage[0])))
-        if preview and tgt_maps:
-            records[-1]["attention"] = placeholder_attention([m.detach() for m in tgt_maps], i, N,
-                                                             backend.placeholder_index)
+    records = [_update(L, step, loss_value, ldm_value, attn_value, not inf_found, int(t[0]),
+                       int(stage_of_timestep(t[0], S)))
+               for L, (loss_value, ldm_value, attn_value, inf_found), t in zip(learners, synced, ts)]
+    if any(r.get("skipped") is False for r in records):  # ONE Adam update for every identity that takes its step
+        optimizer.step()
+    if preview and tgt_maps:
+        for i, record in enumerate(records):
+            record["attention"] = placeholder_attention([m.detach() for m in tgt_maps], i, N, backend.placeholder_index)
     return records
 
 
@@ -364,28 +392,29 @@ def placeholder_attention(maps: list[torch.Tensor], identity: int, identities: i
 
 def _update(L: _Learner, step: int, loss_value: float, ldm_value: float, attn_value: float, grads_ok: bool,
             t: int, stage: int) -> dict:
-    """Adam for one identity, or its divergence (raised before the update: its state stays the last good one)."""
+    """Whether one identity takes this step's (shared) Adam update, or its divergence (found before the update: its
+    state stays the last good one). An identity that does not step has its gradients dropped, so the one update for
+    all leaves it alone."""
     record = {"step": step + 1, "loss": loss_value, "ldm": ldm_value, "attn": attn_value, "t": t, "stage": stage,
               "placeholder": L.job.settings.placeholder}
     if not math.isfinite(loss_value):
         L.error = SeFiError(f"Training diverged at step {step + 1}: the loss became {loss_value}. "
                             f"Lower the learning rate or λ, or check the image.")
-        return {**record, "diverged": True}
+        return _drop_gradients(L, {**record, "diverged": True})
     scale_used = L.loss_scale.value
     take_step = L.loss_scale.update(grads_ok)
     if not grads_ok and (not L.loss_scale.dynamic or L.loss_scale.value < 1):
         L.error = SeFiError(f"Training diverged at step {step + 1}: the gradients became NaN or infinite. "
                             f"Lower the learning rate or λ, or check the image.")
-        return {**record, "diverged": True}
-    if take_step:
-        if L.loss_scale.dynamic:
-            for g in L.generators.values():
-                for p in g.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(scale_used)  # a power of two: exact
-        L.optimizer.step()
+        return _drop_gradients(L, {**record, "diverged": True})
     record.update(skipped=not take_step, loss_scale=scale_used)
     L.history.append(record)
+    return record if take_step else _drop_gradients(L, record)
+
+
+def _drop_gradients(L: _Learner, record: dict) -> dict:
+    for p in L.names:
+        p.grad = None
     return record
 
 

@@ -106,9 +106,18 @@ class ComfyTrainingBackend:
 
     # --- images -----------------------------------------------------------------------------
     def latents(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = images.permute(0, 2, 3, 1)  # ComfyUI IMAGE layout: B,H,W,C
+        """z0 of images (B,3,H,W), as the host's `VAE.encode` computes it (the same load, input scaling and call)
+        but left on the device: the host's encode returns its result through the intermediate (CPU) device, a copy
+        the training step would wait on every step. The training resolution is a multiple of 8: nothing to crop."""
+        import comfy.model_management
+
+        vae = self.vae
         with frozen_pass():
-            return self.model.model.process_latent_in(self.vae.encode(pixels).float()).to(self.device)
+            comfy.model_management.load_models_gpu([vae.patcher], force_full_load=vae.disable_offload,
+                                                   memory_required=vae.memory_used_encode(images.shape, vae.vae_dtype))
+            pixels = vae.process_input(images.to(vae.device)).to(vae.vae_dtype)
+            z = vae.first_stage_model.encode(pixels).float()
+            return self.model.model.process_latent_in(z).to(self.device)
 
     def latent_mask(self, mask: torch.Tensor, latent_shape: torch.Size) -> torch.Tensor:
         return F.interpolate(mask.float(), size=latent_shape[-2:], mode="area").to(self.device)
@@ -128,15 +137,38 @@ class UNetPass:
         self.capture = AttentionCapture(layers)
         self.device = model.load_device
         self._warned = False
+        self._size_parts: dict[tuple[int, int], torch.Tensor | None] = {}
 
     def _adm(self, pooled: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
-        """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None."""
+        """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None.
+
+        The host builds the size part on the CPU and joins it to the pooled rows there: copies the step would wait
+        on (and again in the backward pass). The size part is the same every step, so it is taken from the host's
+        own `encode_adm` once, on the device; `y` is then the pooled rows joined to it where they are."""
         if pooled is None:
             return None
         h, w = z0.shape[-2] * 8, z0.shape[-1] * 8
-        adm = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, target_width=w,
-                                          target_height=h, crop_w=0, crop_h=0)
-        return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
+        if (h, w) not in self._size_parts:
+            self._size_parts[(h, w)] = self._size_part(pooled.shape[-1], h, w)
+        size_part = self._size_parts[(h, w)]
+        if size_part is None:  # the host's layout is not pooled-then-size: its own function, every step
+            adm = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, target_width=w,
+                                              target_height=h, crop_w=0, crop_h=0)
+            return None if adm is None else adm.to(self.device).expand(z0.shape[0], -1)
+        rows = pooled.to(self.device).expand(z0.shape[0], -1)
+        return torch.cat([rows, size_part.expand(rows.shape[0], -1)], dim=1)  # dtypes promote as the host's do
+
+    def _size_part(self, width: int, h: int, w: int) -> torch.Tensor | None:
+        """The host's `encode_adm` columns after the pooled ones, on the device, if `y` is [pooled | size part] with
+        the size part independent of the pooled rows (SDXL in every release this pack declares); else None."""
+        probes = torch.stack([torch.zeros(width), torch.linspace(-1.0, 1.0, width)])
+        adm = self.model.model.encode_adm(pooled_output=probes, width=w, height=h, target_width=w, target_height=h,
+                                          crop_w=0, crop_h=0)
+        if (adm is not None and adm.shape[1] > width and torch.equal(adm[:, :width].cpu(), probes)
+                and torch.equal(adm[0, width:], adm[1, width:])):
+            return adm[:1, width:].to(self.device)
+        log.info("SeFi-IDE: this host's SDXL conditioning is not [pooled | size]; `y` is built by the host every step.")
+        return None
 
     def __call__(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None, chunks: int = 1):
         """chunks: how many equal groups of rows the batch holds (reference + target rows in one pass: 2)."""

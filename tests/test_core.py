@@ -10,6 +10,7 @@ from sefi_ide.core.generator import TokenGenerator
 from sefi_ide.core.identity import Identity, load_identity, safe_child_path, save_identity
 from sefi_ide.core.losses import TokenOption, attention_loss, ldm_loss
 from sefi_ide.core.stages import stage_of_timestep, stage_timestep_range
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def make_identity(family="sd1", stages=5, seed=0) -> Identity:
@@ -206,6 +207,7 @@ class _ToyBackend:
     family = "sd1"
     placeholder_index = 1
     eos_index = 2
+    device = torch.device("cpu")
 
     def __init__(self, nan_at_call: int | None = None, nan_grad_at_call: int | None = None):
         self.calls = 0
@@ -430,6 +432,73 @@ def test_fp16_backward_is_loss_scaled_unscaled_exactly_and_an_overflow_skips_the
     assert "gradients became NaN" in str(stopped.value)
 
 
+class _RowOverflowToyBackend(_HalfPrecisionToyBackend):
+    """Identities learned together share the toy's batch (rows 0..B-1: the first identity); at one call the gradient
+    of the first identity's rows only overflows."""
+
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture, pooled=None, chunks=1):
+        self.calls += 1
+        rows = context_k.mean(-1).mean(-1)[:, None, None, None]  # each row sees its own identity's tokens
+        h = (rows * torch.ones_like(eps)).half()
+        pred = (h * torch.tensor(1e-6, dtype=torch.float16)).float() + eps * 0.5
+        if self.inf_grad_at_call == self.calls and pred.requires_grad:
+            first = torch.zeros(pred.shape[0], 1, 1, 1)
+            first[: pred.shape[0] // 2] = float("inf")
+            pred.register_hook(lambda g: g + first)
+        return pred, []
+
+
+def _jobs(n: int, steps: int = 4):
+    from dataclasses import replace
+
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import IdentityJob
+
+    settings = TrainSettings(steps=steps, resolution=64, attn_lambda=0.0, color_jitter=0.0, scale_min=1.0,
+                             scale_max=1.0)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return [IdentityJob(image, replace(settings, seed=i, placeholder=f"<p{i}>")) for i in range(n)]
+
+
+def test_one_identitys_skipped_step_leaves_it_alone_in_the_update_all_identities_share():
+    from sefi_ide.core.training import train_identities
+
+    a, b = _jobs(2)
+    together = train_identities(_RowOverflowToyBackend(inf_grad_at_call=2), [a, b])
+    alone_a = train_identities(_HalfPrecisionToyBackend(inf_grad_at_call=2), [a])[0]  # the same overflow, alone
+    alone_b = train_identities(_HalfPrecisionToyBackend(), [b])[0]
+    assert [r["skipped"] for r in together[0].history] == [False, True, False, False]
+    assert [r["skipped"] for r in together[1].history] == [False] * 4
+    for got, expected in ((together[0], alone_a), (together[1], alone_b)):
+        assert torch.isfinite(got.identity.k["clip_l"]).all()
+        torch.testing.assert_close(got.identity.k["clip_l"], expected.identity.k["clip_l"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got.identity.optimizer_state, expected.identity.optimizer_state)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("identities", [1, 3])
+def test_every_identity_is_checked_in_one_kernel_and_all_take_one_adam_update_per_step(identities):
+    from sefi_ide.core.training import train_identities
+
+    jobs = _jobs(identities, steps=3)
+    with _OpCounter() as ops:
+        train_identities(_ToyBackend(), jobs)
+    assert ops.counts.get("_amp_foreach_non_finite_check_and_unscale_") == 3 * identities
+    assert "isfinite" not in ops.counts  # not one check per gradient tensor
+    adam_updates = ops.counts.get("_fused_adam_", 0) or ops.counts.get("_foreach_addcdiv_", 0)
+    assert adam_updates == 3  # one per step, whatever the number of identities
+
+
 def test_loss_scale_grows_after_a_run_of_good_steps_and_round_trips():
     from sefi_ide.core.loss_scale import GROWTH_INTERVAL, INITIAL_SCALE, LossScale
 
@@ -513,3 +582,21 @@ def test_augmentation_moves_the_mask_with_the_image_and_the_seed_fixes_it():
     again_image, again_mask = augment(geometric, image, mask, seed=5)
     assert torch.equal(again_image, out_image) and torch.equal(again_mask, out_mask)
     assert not torch.equal(augment(geometric, image, mask, seed=6)[1], out_mask)
+
+
+def test_the_noise_stream_is_the_seeded_draw_step_by_step_across_chunks_and_a_resume():
+    from sefi_ide.core.noise import CHUNK_STEPS, NoiseStream
+
+    steps = CHUNK_STEPS + 3  # crosses a chunk boundary
+    rng = torch.Generator().manual_seed(5)
+    expected = [(torch.randint(0, 1000, (2,), generator=rng), torch.randn((2, 4, 8, 8), generator=rng))
+                for _ in range(steps)]
+    stream = NoiseStream(5, 2, 8, torch.device("cpu"))
+    for t_expected, eps_expected in expected:
+        t_cpu, t, eps = stream.take()
+        assert torch.equal(t_cpu, t_expected) and torch.equal(t, t_expected) and torch.equal(eps, eps_expected)
+    resumed = NoiseStream(5, 2, 8, torch.device("cpu"))
+    resumed.skip(CHUNK_STEPS - 1)
+    for t_expected, eps_expected in expected[CHUNK_STEPS - 1:]:
+        _, t, eps = resumed.take()
+        assert torch.equal(t, t_expected) and torch.equal(eps, eps_expected)

@@ -163,6 +163,39 @@ def _draws(settings, z0):
     return t, torch.randn((settings.batch_size, *z0.shape[1:]), generator=rng)
 
 
+def test_the_latents_are_the_hosts_own_vae_encoding(models):
+    """The step encodes on the device without the host's round trip through the CPU: the same numbers."""
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.images import prepare_reference
+
+    model, clip, vae = models
+    settings = _settings()
+    images = torch.cat([prepare_reference(photo(), None, settings.resolution)[0]] * 2)
+    images[1] = images[1].flip(-1)
+    with torch.inference_mode(), training_scope():
+        z0 = ComfyTrainingBackend(model, clip, vae, settings).latents(images)
+        expected = model.model.process_latent_in(vae.encode(images.permute(0, 2, 3, 1)).float())
+    assert z0.shape == expected.shape and torch.equal(z0, expected)
+
+
+def test_sdxl_size_conditioning_is_the_hosts_own_built_once_and_joined_to_each_steps_pooled_rows(sdxl, monkeypatch):
+    from sefi_ide.host.backend import UNetPass
+
+    model = sdxl[0]
+    calls = []
+    host_encode_adm = model.model.encode_adm
+    monkeypatch.setattr(model.model, "encode_adm", lambda **kw: calls.append(kw) or host_encode_adm(**kw))
+    unet_pass = UNetPass(model, [])
+    z0 = torch.zeros(3, 4, 8, 12)  # 64 x 96 px: height and width must not be swapped
+    for seed in range(3):  # three steps
+        pooled = torch.randn(1, 1280, generator=torch.Generator().manual_seed(seed))
+        expected = host_encode_adm(pooled_output=pooled, width=96, height=64, target_width=96, target_height=64,
+                                   crop_w=0, crop_h=0).expand(3, -1)
+        assert torch.equal(unet_pass._adm(pooled, z0), expected)
+    assert len(calls) == 1  # the size part once, not every step
+
+
 @pytest.mark.parametrize("kv_split", [True, False])
 def test_each_row_gets_its_stages_k_and_v_tokens_at_every_cross_attention_layer_and_only_they_get_gradient(
         models, monkeypatch, kv_split):
