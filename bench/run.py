@@ -148,6 +148,9 @@ def main() -> None:
                     help="identities learned together, in one UNet batch per step (train_identities); "
                          "a list such as 1,4,8 measures each on the same models, one row each")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops for steps 3-4")
+    ap.add_argument("--compile", choices=["off", "inductor", "reduce-overhead"], default="off",
+                    help="learn through ComfyUI's TorchCompileModel wrapper (torch.compile of the diffusion model; "
+                         "reduce-overhead: inductor with CUDA graphs); compiling happens in the warm-up steps")
     ap.add_argument("--phases", action="store_true",
                     help="time each phase of a step (text, reference, target forward, VAE); the timer waits for the "
                          "GPU around each phase, which makes the step itself slower: off for the step-time rows")
@@ -187,7 +190,13 @@ def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
     from sefi_ide.host.backend import ComfyTrainingBackend
     from sefi_ide.host.grad_scope import training_scope
 
-    warmup = 4 if args.profile else 2  # unmeasured steps; profiled steps (3-4) are slower
+    warmup = 4 if args.profile or args.compile != "off" else 2  # unmeasured: profiled steps (3-4) are slower, and
+    # compiling takes the first steps (the reference and the target pass, each compiled once)
+    if args.compile != "off":
+        from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+
+        model = model.clone()
+        set_torch_compile_wrapper(model, backend="inductor", mode=None if args.compile == "inductor" else args.compile)
     in_batch = {"auto": None, "on": True, "off": False}[args.reference_in_batch]
     settings = TrainSettings(steps=args.steps + warmup, resolution=args.resolution, layers=args.layers,
                              reference_in_batch=in_batch,
@@ -292,7 +301,7 @@ def report(args, m: dict, model) -> None:
     rows = [("device", device_name()), ("family / arch / px", f"{args.family} / {args.arch} / {R}"),
             ("UNet", f"{params:.1f} M params, {next(unet.parameters()).dtype}, loss layers: {args.layers}"),
             ("reference pass in target batch", args.reference_in_batch), ("identities per pass", N),
-            ("gradient checkpointing", "on" if args.gradient_checkpointing else "off")]
+            ("gradient checkpointing", "on" if args.gradient_checkpointing else "off"), ("torch.compile", args.compile)]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in m["phases"].items()]
     if m.get("host_waits") is not None:
         rows += [("host waits for the GPU, per step", str(m["host_waits"]))]

@@ -21,11 +21,21 @@ from .text import check_placeholder, detect_family, encode_variants, inject, mar
 log = logging.getLogger(__name__)
 
 
-def _merge_transformer_options(base: dict, kv_patch, replace: dict, sigma: torch.Tensor, chunks: int) -> dict:
+COMPILE_KEY = "torch.compile"  # the wrapper key of ComfyUI's TorchCompileModel (comfy_api/torch_helpers)
+
+
+def _merge_transformer_options(base: dict, kv_patch, replace: dict, sigma: torch.Tensor, chunks: int,
+                               model_extensions: dict[str, dict]) -> dict:
     """The model's own transformer options (other packs' patches keep running) plus ours, with the keys a sampler
     sets (comfy/samplers.py `_calc_cond_batch`): patches written for sampling read them. Every row of our passes
-    is positive conditioning, in `chunks` equal chunks (2 with the reference rows in the target batch)."""
+    is positive conditioning, in `chunks` equal chunks (2 with the reference rows in the target batch). The model
+    patcher's wrappers and callbacks join them as the sampler joins them (comfy/sampler_helpers.py
+    `prepare_model_patcher`): other packs' model wrappers run, and ComfyUI's TorchCompileModel compiles our passes."""
+    import comfy.patcher_extension
+
     opts = dict(base)
+    for name, extension in model_extensions.items():
+        opts[name] = comfy.patcher_extension.merge_nested_dicts(opts.get(name, {}), extension)
     opts["cond_or_uncond"] = [0] * chunks
     opts["uuids"] = [uuid.uuid4() for _ in range(chunks)]
     opts["sigmas"] = sigma[: sigma.shape[0] // chunks]
@@ -138,6 +148,7 @@ class UNetPass:
         self.device = model.load_device
         self._warned = False
         self._size_parts: dict[tuple[int, int], torch.Tensor | None] = {}
+        self._compile_failed = False
 
     def _adm(self, pooled: torch.Tensor | None, z0: torch.Tensor) -> torch.Tensor | None:
         """SDXL's `y` (pooled text + size/crop conditioning, no crop, size = the training square); SD1: None.
@@ -172,10 +183,32 @@ class UNetPass:
 
     def __call__(self, z0, eps, t, context_k, context_v, capture: bool, pooled=None, chunks: int = 1):
         """chunks: how many equal groups of rows the batch holds (reference + target rows in one pass: 2)."""
+        from torch._dynamo.exc import TorchDynamoException
+
+        args = (z0, eps, t, context_k, context_v, capture, pooled, chunks)
+        try:
+            return self._pass(*args)
+        except TorchDynamoException as exc:  # ComfyUI's TorchCompileModel on the model could not compile this pass
+            if self._compile_failed or not any(COMPILE_KEY in by_key for by_key in self.model.wrappers.values()):
+                raise
+            self._compile_failed = True
+            log.warning("SeFi-IDE: torch.compile (TorchCompileModel) could not compile the training pass, so it runs "
+                        "uncompiled (sampling keeps the compiled model): %s", str(exc).splitlines()[0])
+            return self._pass(*args)
+
+    def _pass(self, *args):
         if not torch.is_grad_enabled():  # the reference pass: the host's own fast path
             with frozen_pass():
-                return self._run(z0, eps, t, context_k, context_v, capture, pooled, chunks)
-        return self._run(z0, eps, t, context_k, context_v, capture, pooled, chunks)
+                return self._run(*args)
+        return self._run(*args)
+
+    def _model_extensions(self) -> dict[str, dict]:
+        """The model patcher's wrappers and callbacks; without the compile wrapper once it failed."""
+        wrappers = self.model.wrappers
+        if self._compile_failed:
+            wrappers = {kind: {key: w for key, w in by_key.items() if key != COMPILE_KEY}
+                        for kind, by_key in wrappers.items()}
+        return {"wrappers": wrappers, "callbacks": self.model.callbacks}
 
     def _warn_replaced(self, base_options: dict) -> None:
         """Our map capture replaces the attention call at the loss layers; another pack's attention replacement
@@ -196,7 +229,8 @@ class UNetPass:
         if capture:
             self._warn_replaced(base_options)
         opts = _merge_transformer_options(base_options, FixedKVPatch(context_k, context_v),
-                                          self.capture.replace_patches() if capture else {}, sigma, chunks)
+                                          self.capture.replace_patches() if capture else {}, sigma, chunks,
+                                          self._model_extensions())
         extra = {}
         adm = self._adm(pooled, z0)
         if adm is not None:

@@ -369,3 +369,81 @@ def test_region_masks_are_refused_on_a_comfyui_without_the_attention_override(sd
         apply_identities(model, clip, "a photo of <alice>", [ident])
     with torch.inference_mode():  # without a mask the identity works there
         apply_identities(model, clip, "a photo of <alice>", [dataclasses.replace(ident, region=None)])
+
+
+def _learn(model, clip, vae, steps: int = 2):
+    from helpers import photo
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.images import prepare_reference
+
+    settings = TrainSettings(resolution=64, steps=steps, placeholder="<alice>")
+    reference, _ = prepare_reference(photo(), None, 64)
+    with torch.inference_mode(), training_scope():
+        return train_identity(ComfyTrainingBackend(model, clip, vae, settings), reference, settings)
+
+
+def test_the_models_wrappers_run_in_every_training_pass_as_a_sampler_runs_them(sd1):
+    """A sampler hands the model patcher's wrappers to the UNet (other packs wrap apply_model; ComfyUI's
+    TorchCompileModel is one): the training passes do the same, and leave the model's own wrappers as they were."""
+    import comfy.patcher_extension
+
+    model, clip, vae = sd1
+    calls = []
+
+    def counting_wrapper(executor, *args, **kwargs):
+        calls.append(args[0].shape[0])
+        return executor(*args, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test.counting", counting_wrapper)
+    before = comfy.patcher_extension.copy_nested_dicts(wrapped.wrappers)
+    _learn(wrapped, clip, vae, steps=2)
+    assert calls == [2, 2]  # one pass per step: the reference row and the target row in one batch (SD1)
+    assert wrapped.wrappers == before and not model.wrappers
+
+
+def test_comfyuis_torch_compile_wrapper_compiles_the_training_passes_and_learns_the_same(sd1):
+    import torch._dynamo
+    from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+    from sefi_ide.host.text import word_embedding
+    from torch._dynamo.utils import counters
+
+    model, clip, vae = sd1
+    eager = _learn(model, clip, vae)
+    compiled_model = model.clone()
+    set_torch_compile_wrapper(compiled_model, backend="aot_eager")  # the graphs without a C++ compiler
+    graphs_before = counters["stats"]["unique_graphs"]
+    try:
+        compiled = _learn(compiled_model, clip, vae)
+    finally:
+        torch._dynamo.reset()
+    assert counters["stats"]["unique_graphs"] > graphs_before  # dynamo captured the training passes
+    for a, b in zip(compiled.history, eager.history, strict=True):
+        assert a["ldm"] == pytest.approx(b["ldm"], rel=1e-4)
+    base = word_embedding(clip, "person")["clip_l"]
+    for table in ("k", "v"):  # equal to float tolerance, measured against how far the tokens moved
+        got, expected = getattr(compiled.identity, table)["clip_l"], getattr(eager.identity, table)["clip_l"]
+        assert ((got - expected).norm(dim=-1) <= 0.01 * (expected - base).norm(dim=-1) + 1e-6).all()
+
+
+def test_a_training_pass_torch_compile_cannot_compile_runs_uncompiled_and_says_so(sd1, caplog):
+    import torch._dynamo
+    from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+
+    def cannot_compile(graph_module, example_inputs):
+        raise RuntimeError("this backend captures nothing")
+
+    model, clip, vae = sd1
+    eager = _learn(model, clip, vae)
+    failing = model.clone()
+    set_torch_compile_wrapper(failing, backend=cannot_compile)
+    try:
+        fallback = _learn(failing, clip, vae)
+    finally:
+        torch._dynamo.reset()
+    assert "could not compile the training pass, so it runs uncompiled" in caplog.text
+    assert torch.equal(fallback.identity.k["clip_l"], eager.identity.k["clip_l"])
+    assert torch.equal(fallback.identity.v["clip_l"], eager.identity.v["clip_l"])
