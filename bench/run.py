@@ -192,6 +192,7 @@ def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
 
     warmup = 4 if args.profile or args.compile != "off" else 2  # unmeasured: profiled steps (3-4) are slower, and
     # compiling takes the first steps (the reference and the target pass, each compiled once)
+    uncompiled = model
     if args.compile != "off":
         from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
 
@@ -247,8 +248,25 @@ def measure_training(args, n: int, model, clip, vae) -> tuple[dict, object]:
     phases = {k: (v - warm[k]) / len(timed) for k, v in getattr(backend, "times", {}).items()}  # after warm-up
     if phases:
         phases["backward + optimiser"] = max(0.0, per_step - sum(phases.values()))
-    return ({"R": R, "per_step": per_step, "phases": phases, "peak": peak_memory(rss_at_start),
-             "host_waits": waits[0] if waits else None}, result.identity)
+    measured = {"R": R, "per_step": per_step, "phases": phases, "peak": peak_memory(rss_at_start),
+                "host_waits": waits[0] if waits else None}
+    if args.compile != "off":  # the same jobs uncompiled: the captured step must learn the same tokens
+        with training_scope():
+            plain = ComfyTrainingBackend(uncompiled, clip, vae, settings)
+            expected = train_identities(plain, jobs)[0].identity
+        measured["compile_deviation"] = token_deviation(result.identity, expected, plain.base_vectors())
+    return measured, result.identity
+
+
+def token_deviation(got, expected, base: dict[str, torch.Tensor]) -> float:
+    """The largest |got - expected| of any token, relative to how far that token moved from the init word."""
+    worst = 0.0
+    for enc in expected.k:
+        for table in ("k", "v"):
+            a, b = getattr(got, table)[enc], getattr(expected, table)[enc]
+            moved = (b - base[enc].to(b)).norm(dim=-1).clamp_min(1e-12)
+            worst = max(worst, float(((a - b).norm(dim=-1) / moved).max()))
+    return worst
 
 
 def measure_sampling(args, model, clip, identity) -> dict:
@@ -303,6 +321,8 @@ def report(args, m: dict, model) -> None:
             ("reference pass in target batch", args.reference_in_batch), ("identities per pass", N),
             ("gradient checkpointing", "on" if args.gradient_checkpointing else "off"), ("torch.compile", args.compile)]
     rows += [(f"step: {k}", f"{v * 1000:.1f} ms") for k, v in m["phases"].items()]
+    if m.get("compile_deviation") is not None:
+        rows += [("compiled vs uncompiled tokens: max |Δ| / moved", f"{m['compile_deviation']:.2e}")]
     if m.get("host_waits") is not None:
         rows += [("host waits for the GPU, per step", str(m["host_waits"]))]
     rows += [("step: total", f"{per_step * 1000:.1f} ms"),
