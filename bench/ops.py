@@ -16,21 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 CHECKS = ("eq", "ne", "where", "isfinite", "_local_scalar_dense")
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_step(family: str, identities: int) -> Counter[str]:
@@ -40,7 +29,7 @@ def count_step(family: str, identities: int) -> Counter[str]:
     harness.import_comfy_in_process()
     import comfy.sd
     import tiny_models
-    from helpers import photo
+    from helpers import OpCounter, photo
     from sefi_ide.core import training
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.host.backend import ComfyTrainingBackend

@@ -59,7 +59,7 @@ def sync() -> None:
 
 class HostWaits:
     """How often the host waits for the GPU (CUDA's synchronising calls: a copy to or from pageable memory, .item(),
-    nonzero, ...) until `stop()`, counted with torch's sync debug mode. None on a CPU."""
+    nonzero, ...) until `stop()`, counted with torch's sync debug mode (CUDA only)."""
 
     def __init__(self):
         import warnings
@@ -73,8 +73,6 @@ class HostWaits:
         torch.cuda.set_sync_debug_mode("default")
         self._catch.__exit__(None, None, None)
         return sum("synchronizing" in str(w.message) for w in self._seen)
-
-
 
 
 def build(family: str, arch: str, dtype: torch.dtype | None = None):

@@ -45,7 +45,7 @@ class NoiseStream:
             self._draw()
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._device is None or self._next == len(self._cpu):
+        if self._next == len(self._cpu):  # the first take, or this chunk is used up
             draws = [self._draw() for _ in range(CHUNK_STEPS)]
             self._cpu = [t for t, _ in draws]
             self._device = (to_device(torch.stack(self._cpu), self.like),

@@ -146,18 +146,18 @@ class _Learner:
     loss_scale: LossScale
     augmenter: torch.nn.Module
     noise: NoiseStream
-    photo_rng: torch.Generator  # which photo each row uses (several photos): apart from `rng`, so one photo = as before
+    photo_rng: torch.Generator  # which photo each row uses (several photos): apart from `noise`, so one photo = as before
     base: dict[str, torch.Tensor]
     start: int
     family: str
-    optimizer: torch.optim.Adam | None = None  # shared by every identity of the run (see `_adam`)
     history: list[dict] = field(default_factory=list)
     error: SeFiError | None = None  # diverged: it stopped at its last good state, the others go on
 
-    def result(self) -> TrainResult:
+    def result(self, optimizer: torch.optim.Adam) -> TrainResult:
+        """Its last good state; `optimizer`: the run's Adam, shared by every identity (see `_adam`)."""
         s = self.job.settings
         done = self.start + len(self.history)  # a step is recorded only after its optimizer update
-        identity = _finish(self.generators, self.optimizer, self.names, self.loss_scale, self.base, s, self.job.image,
+        identity = _finish(self.generators, optimizer, self.names, self.loss_scale, self.base, s, self.job.image,
                            self.family, done)
         return TrainResult(identity, self.history, self.error)
 
@@ -169,7 +169,7 @@ def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
     names = {p: f"{enc}.{n}" for enc, g in generators.items() for n, p in g.named_parameters()}
     loss_scale = LossScale.for_dtype(getattr(backend, "compute_dtype", torch.float32))
     noise = NoiseStream(settings.seed, settings.batch_size, settings.resolution // 8, backend.device)
-    # its own stream, seeded by a 64-bit mix of the seed: unrelated to the t/ε stream `rng` draws from `seed`
+    # its own stream, seeded by a 64-bit mix of the seed: unrelated to the t/ε stream `noise` draws from `seed`
     photo_rng = torch.Generator().manual_seed((settings.seed * 0x9E3779B97F4A7C15 + 0x5851F42D4C957F2D) % 2 ** 63)
     photos = job.image.shape[0]
     if job.mask is not None and photos > 1:
@@ -217,7 +217,6 @@ def train_identities(
         raise SeFiError("Identities learned together must resume from the same step; resume them one by one.")
     optimizer = _adam([p for L in learners for p in L.names], first.lr)
     for L in learners:
-        L.optimizer = optimizer
         if L.job.resume is not None and L.job.resume.optimizer_state:  # exact continuation: Adam's moments
             _load_optimizer_state(optimizer, L.names, L.job.resume.optimizer_state)
     with torch.no_grad():
@@ -228,13 +227,13 @@ def train_identities(
             if not active:
                 break
             preview = preview_every > 0 and (step + 1) % preview_every == 0
-            records = _train_step(backend, active, ref_context, ref_pooled, step, preview)
+            records = _train_step(backend, active, ref_context, ref_pooled, step, optimizer, preview)
             if on_step is not None:
                 on_step(step + 1, first.steps, records[0] if len(jobs) == 1 else {"step": step + 1,
                                                                                   "identities": records})
     except Exception as exc:  # cancel: hand back every identity's last good state, resumable exactly
-        raise TrainingStopped(exc, [L.result() for L in learners]) from exc
-    return [L.result() for L in learners]
+        raise TrainingStopped(exc, [L.result(optimizer) for L in learners]) from exc
+    return [L.result(optimizer) for L in learners]
 
 
 def train_identity(
@@ -257,7 +256,8 @@ def train_identity(
 
 
 def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
-                ref_pooled: torch.Tensor | None, step: int, preview: bool = False) -> list[dict]:
+                ref_pooled: torch.Tensor | None, step: int, optimizer: torch.optim.Adam,
+                preview: bool = False) -> list[dict]:
     """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> one Adam update."""
     settings = learners[0].job.settings  # shared by all but seed and placeholder
     S, B, N = settings.num_stages, settings.batch_size, len(learners)
@@ -348,7 +348,6 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
         loss = l_ldm + settings.attn_lambda * l_attn  # L = L_LDM + λ·L_attn
         losses.append(loss * L.loss_scale.value if L.loss_scale.dynamic else loss)  # fp16's range (loss_scale.py)
         values.append((loss, l_ldm, l_attn))
-    optimizer = learners[0].optimizer
     optimizer.zero_grad(set_to_none=True)
     torch.stack(losses).sum().backward()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections import Counter
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # float32 results of the same computation batched differently, or on another CPU / thread count: relative + absolute
 CLOSE = {"rtol": 1e-4, "atol": 1e-4}
@@ -14,6 +16,29 @@ CLOSE = {"rtol": 1e-4, "atol": 1e-4}
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, **CLOSE)
+
+
+def assert_same_identity(got, expected, base: dict[str, torch.Tensor]) -> None:
+    """Equal to float tolerance, measured against how far the tokens moved: Adam divides each gradient element by its
+    own size, so float-level differences in elements whose gradient is near zero become visible in those elements
+    (measured: at most 0.13 % of the distance moved per token on the tiny models)."""
+    for enc in expected.k:
+        for table in ("k", "v"):
+            a, b = getattr(got, table)[enc], getattr(expected, table)[enc]
+            moved = (b - base[enc]).norm(dim=-1)
+            assert ((a - b).norm(dim=-1) <= 0.01 * moved + 1e-6).all(), (enc, table, (a - b).norm(dim=-1), moved)
+
+
+class OpCounter(TorchDispatchMode):
+    """How many times each torch op (by name) is dispatched inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def random_identity(clip, stages=5, seed=0, placeholder="<alice>"):
