@@ -99,8 +99,7 @@ class ComfyTrainingBackend:
 
     def reference_context(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         with frozen_pass():
-            ctx, pooled = encode_variants(self.clip, [self._ref_tokens])
-        return ctx.to(self.device), pooled
+            return encode_variants(self.clip, [self._ref_tokens], output_device=self.device)
 
     def target_contexts(self, rows: dict[str, torch.Tensor],
                         pooled_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -109,10 +108,10 @@ class ComfyTrainingBackend:
         puts each identity's K token first among its rows, so its pooled output comes from the K path)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
-        ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None)
+        ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None, output_device=self.device)
         if pooled_of is not None and pooled is not None:
             pooled = pooled[pooled_of]
-        return ctx.to(self.device), pooled
+        return ctx, pooled
 
     # --- images -----------------------------------------------------------------------------
     def latents(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -160,13 +161,16 @@ def _clone_saved_activations(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if (t.requires_grad and t.grad_fn is not None) else t
 
 
-def encode_variants(clip, variants: list[dict], every_pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_variants(clip, variants: list[dict], every_pooled: bool = False,
+                    output_device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode several token dicts of equal length in one text-encoder call; contexts (V, T, D) and the pooled
     output of the first (1, D), or with `every_pooled` of each variant (V, D). One variant is encoded exactly as
     CLIPTextEncode encodes a prompt. Differentiable w.r.t. injected vectors when gradients are enabled.
+    `output_device`: where the outputs go (default: the host's intermediate device, as CLIPTextEncode's).
     """
     merged = {key: [chunk for v in variants for chunk in v[key]] for key in variants[0]}
-    with _pooled_rows(clip) if every_pooled else contextlib.nullcontext([]) as pooled_calls:
+    with (_pooled_rows(clip) if every_pooled else contextlib.nullcontext([])) as pooled_calls, \
+            (host_outputs_on(output_device) if output_device is not None else contextlib.nullcontext()):
         if not torch.is_grad_enabled():
             cond, pooled = clip.encode_from_tokens(merged, return_pooled=True)
         else:
@@ -198,3 +202,28 @@ def _pooled_rows(clip) -> Iterator[list[torch.Tensor]]:
         yield calls
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def host_outputs_on(device: torch.device) -> Iterator[None]:
+    """The host's text encoder hands its outputs to `comfy.model_management.intermediate_device()`: the CPU unless
+    ComfyUI runs with --gpu-only. In a training step that is a copy to the CPU and back that the host waits on,
+    forward and backward, every step. Inside this block, and for this thread only, that device is `device`, so the
+    outputs stay where the UNet runs. The host's function is put back on exit unless something replaced it
+    meanwhile; ours then passes every call through."""
+    import comfy.model_management
+
+    host_device = comfy.model_management.intermediate_device
+    thread = threading.get_ident()
+    active = True
+
+    def intermediate_device() -> torch.device:
+        return device if active and threading.get_ident() == thread else host_device()
+
+    comfy.model_management.intermediate_device = intermediate_device
+    try:
+        yield
+    finally:
+        active = False
+        if comfy.model_management.intermediate_device is intermediate_device:
+            comfy.model_management.intermediate_device = host_device

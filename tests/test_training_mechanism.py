@@ -196,6 +196,42 @@ def test_sdxl_size_conditioning_is_the_hosts_own_built_once_and_joined_to_each_s
     assert len(calls) == 1  # the size part once, not every step
 
 
+def test_the_text_encoders_outputs_stay_on_the_unets_device_and_never_pass_through_the_hosts_intermediate_device(
+        models, monkeypatch):
+    """The host's text encoder sends its outputs to `intermediate_device()` (the CPU beside a GPU: a copy the step
+    waits on, forward and backward). Here the host's intermediate device is one that holds no data (meta): a
+    training run whose text outputs went there could not learn. It learns exactly what it learns without it, and
+    the host's function is back afterwards."""
+    import comfy.model_management
+
+    settings = _settings(steps=2)
+    expected = _train(models, settings)[0].identity
+    meta = lambda: torch.device("meta")
+    monkeypatch.setattr(comfy.model_management, "intermediate_device", meta)
+    got = _train(models, settings)[0].identity
+    assert comfy.model_management.intermediate_device is meta
+    for table in ("k", "v"):
+        for enc, tokens in getattr(expected, table).items():
+            assert torch.equal(getattr(got, table)[enc], tokens), (table, enc)
+
+
+def test_outside_the_training_text_call_and_in_other_threads_the_hosts_intermediate_device_is_unchanged():
+    import threading
+
+    import comfy.model_management
+    from sefi_ide.host.text import host_outputs_on
+
+    host = comfy.model_management.intermediate_device
+    seen = {}
+    with host_outputs_on(torch.device("meta")):
+        thread = threading.Thread(target=lambda: seen.update(other=comfy.model_management.intermediate_device()))
+        thread.start()
+        thread.join()
+        seen["this"] = comfy.model_management.intermediate_device()
+    assert seen == {"this": torch.device("meta"), "other": host()}
+    assert comfy.model_management.intermediate_device is host
+
+
 @pytest.mark.parametrize("kv_split", [True, False])
 def test_each_row_gets_its_stages_k_and_v_tokens_at_every_cross_attention_layer_and_only_they_get_gradient(
         models, monkeypatch, kv_split):
