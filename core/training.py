@@ -258,12 +258,15 @@ def train_identity(
 def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
                 ref_pooled: torch.Tensor | None, step: int, optimizer: torch.optim.Adam,
                 preview: bool = False) -> list[dict]:
-    """One step for every active identity: data -> noise -> forward -> L = L_LDM + λ·L_attn -> one Adam update."""
+    """One step for every active identity: data -> noise -> text -> latents -> UNet -> L = L_LDM + λ·L_attn -> one
+    Adam update."""
     settings = learners[0].job.settings  # shared by all but seed and placeholder
     S, B, N = settings.num_stages, settings.batch_size, len(learners)
     use_attn = settings.attn_lambda > 0
-    # data: each identity's augmented reference (and mask through the same geometric transform), on the device;
-    # one VAE call
+    # data: each identity's augmented reference (and mask through the same geometric transform), on the device.
+    # Order within the step: whatever makes the host wait for the GPU (the augmentation's and the text encoder's
+    # small uploads from host memory) is issued first, the large GPU work (VAE, UNet) after it, so those waits find
+    # little in the GPU's queue.
     images, masks = [], []
     for L in learners:
         m = L.mask.expand(B, -1, -1, -1) if L.mask is not None else None
@@ -274,17 +277,11 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
         img, m = augment(L.augmenter, photos, m, seed=L.job.settings.seed * 1_000_003 + step)
         images.append(img)
         masks.append(m)
-    with torch.no_grad():
-        z0_all = backend.latents(torch.cat(images))
-    z0s = z0_all.split(B)
 
     # noise: t ~ U{0..999}, ε ~ N(0, I), from each identity's own seeded stream, already on the device (noise.py)
     draws = [L.noise.take() for L in learners]
     ts = [t for t, _, _ in draws]  # on the CPU, for the records
     t_all, eps_all = torch.cat([t for _, t, _ in draws]), torch.cat([eps for _, _, eps in draws])
-    if eps_all.shape != z0_all.shape:
-        raise SeFiError(f"The VAE gives latents of shape {tuple(z0_all.shape)}; SeFi-IDE learns on 4-channel latents "
-                        f"at 1/8 of the image size (SD1.x, SDXL).")
     stages = stage_of_timestep(t_all, S).split(B)  # on the device: picks each row's tokens without a copy
 
     # forward with each identity's current stage tokens: C^K_s from k_s, C^V_s from v_s
@@ -307,7 +304,13 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     per_identity = contexts.split(2 * B)
     ctx_k = torch.cat([c[:B] for c in per_identity])
     ctx_v = torch.cat([c[B:] for c in per_identity])
-    z0_rows = torch.cat(z0s)
+
+    with torch.no_grad():  # one VAE call for every identity's images
+        z0_rows = backend.latents(torch.cat(images))
+    if eps_all.shape != z0_rows.shape:
+        raise SeFiError(f"The VAE gives latents of shape {tuple(z0_rows.shape)}; SeFi-IDE learns on 4-channel latents "
+                        f"at 1/8 of the image size (SD1.x, SDXL).")
+    z0s = z0_rows.split(B)
     ref_k = ref_context.expand(N * B, -1, -1)
 
     # A_ref: the reference context, same z_t and t, no gradient

@@ -215,6 +215,28 @@ def test_the_text_encoders_outputs_stay_on_the_unets_device_and_never_pass_throu
             assert torch.equal(getattr(got, table)[enc], tokens), (table, enc)
 
 
+def test_each_step_encodes_the_text_before_it_queues_the_vae_and_the_unet(models, monkeypatch):
+    """The text encoder's token ids are uploaded from host memory, and each such upload waits for the GPU's queue to
+    drain: the step issues them before the VAE's and the UNet's work, so they never wait for that."""
+    import itertools
+
+    model, clip, vae = models
+    events: list[str] = []
+    handles = [getattr(clip.cond_stage_model, enc).register_forward_pre_hook(lambda *_: events.append("text"))
+               for enc in ("clip_l", "clip_g") if hasattr(clip.cond_stage_model, enc)]
+    handles.append(model.model.diffusion_model.register_forward_pre_hook(lambda *_: events.append("unet")))
+    encode = vae.first_stage_model.encode
+    monkeypatch.setattr(vae.first_stage_model, "encode", lambda *a, **kw: events.append("vae") or encode(*a, **kw))
+    try:
+        _train(models, _settings(steps=3))
+    finally:
+        for handle in handles:
+            handle.remove()
+    phases = [phase for phase, _ in itertools.groupby(events)]
+    # 3 steps (the reference prompt's encoding joins the first step's text), then _train's own z0
+    assert phases == ["text", "vae", "unet"] * 3 + ["vae"]
+
+
 def test_outside_the_training_text_call_and_in_other_threads_the_hosts_intermediate_device_is_unchanged():
     import threading
 
