@@ -8,9 +8,16 @@ and halves the scale; a run of good steps doubles it. fp32 and bf16 have fp32's 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
+
+# device types whose torch build has no kernel for `_amp_foreach_non_finite_check_and_unscale_` (e.g. Apple's MPS or
+# the CPU on older torch): found at the first call, then the per-gradient check runs there
+_NO_CHECK_KERNEL: set[str] = set()
 
 INITIAL_SCALE = 2.0 ** 12
 GROWTH_INTERVAL = 100
@@ -47,3 +54,22 @@ class LossScale:
     def load(self, state: torch.Tensor | None) -> None:
         if self.dynamic and state is not None:
             self.value, self.good_steps = float(state[0]), int(state[1])
+
+
+def unscale_and_check(grads: list[torch.Tensor], found_inf: torch.Tensor, inv_scale: torch.Tensor) -> None:
+    """grads *= inv_scale, and found_inf (one element) becomes 1 if any gradient element is inf/NaN; on the device,
+    without the host waiting. One multi-tensor kernel where the device has it (what torch's GradScaler uses); else
+    the same result from two small ops per gradient."""
+    device = grads[0].device.type
+    if device not in _NO_CHECK_KERNEL:
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            return
+        except NotImplementedError:
+            _NO_CHECK_KERNEL.add(device)
+            log.info("SeFi-IDE: this torch build has no one-kernel gradient check on %s; checking each gradient "
+                     "tensor instead (same result, a few more small ops per step).", device)
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    found_inf.copy_(torch.maximum(found_inf, (~finite).to(found_inf.dtype)))
+    for g in grads:
+        g.mul_(inv_scale)

@@ -12,11 +12,11 @@ from typing import Protocol
 
 import torch
 
-from .augment import augment, make_augmenter
+from .augment import augment_together, make_augmenter
 from .errors import SeFiError
 from .generator import GENERATOR_VERSION, TokenGenerator
 from .identity import Identity, image_sha256, token_norms
-from .loss_scale import LossScale
+from .loss_scale import LossScale, unscale_and_check
 from .losses import attention_loss, ldm_loss
 from .noise import NoiseStream, to_device
 from .settings import TrainSettings
@@ -76,7 +76,11 @@ def _adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
     """ONE Adam for every identity's generator: Adam is elementwise per parameter, so one optimizer over all of them
     updates each exactly as an optimizer of its own would, in one fused kernel per step where the device has one
     (an identity that skips a step has its gradients set to None: Adam leaves those parameters and moments alone)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:  # older torch: no list to ask, and no fused kernel off CUDA
+        def _get_fused_kernels_supported_devices() -> list[str]:
+            return ["cuda"]
 
     fused = params[0].device.type in _get_fused_kernels_supported_devices()
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
@@ -267,16 +271,17 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     # Order within the step: whatever makes the host wait for the GPU (the augmentation's and the text encoder's
     # small uploads from host memory) is issued first, the large GPU work (VAE, UNet) after it, so those waits find
     # little in the GPU's queue.
-    images, masks = [], []
+    photos = []
     for L in learners:
-        m = L.mask.expand(B, -1, -1, -1) if L.mask is not None else None
         if L.images.shape[0] > 1:  # several photos of the person: each row samples one
-            photos = L.images[torch.randint(0, L.images.shape[0], (B,), generator=L.photo_rng)]
+            photos.append(L.images[torch.randint(0, L.images.shape[0], (B,), generator=L.photo_rng)])
         else:
-            photos = L.images.expand(B, -1, -1, -1)
-        img, m = augment(L.augmenter, photos, m, seed=L.job.settings.seed * 1_000_003 + step)
-        images.append(img)
-        masks.append(m)
+            photos.append(L.images.expand(B, -1, -1, -1))
+    # each identity's own augmentation from its own seed, applied to all of them in one go (the settings it depends
+    # on are shared)
+    images, masks = augment_together(learners[0].augmenter, photos,
+                                     [L.mask.expand(B, -1, -1, -1) if L.mask is not None else None for L in learners],
+                                     [L.job.settings.seed * 1_000_003 + step for L in learners])
 
     # noise: t ~ U{0..999}, ε ~ N(0, I), from each identity's own seeded stream, already on the device (noise.py)
     draws = [L.noise.take() for L in learners]
@@ -355,7 +360,7 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     torch.stack(losses).sum().backward()
 
     # each identity's gradients unscaled (fp16 loss scale; by a power of two: exact) and checked for inf/NaN in ONE
-    # multi-tensor kernel, then ONE host-device sync per step: every identity's losses and check come back together
+    # multi-tensor kernel (loss_scale.py), then ONE host-device sync per step: every identity's losses and check come back together
     device = losses[0].device
     found_inf = torch.zeros(N, device=device)
     inv_scales = to_device(torch.tensor([1.0 / L.loss_scale.value for L in learners]), found_inf)
@@ -363,7 +368,7 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     for i, (L, (loss, l_ldm, l_attn)) in enumerate(zip(learners, values)):
         grads = [p.grad for p in L.names if p.grad is not None]
         if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf[i:i + 1], inv_scales[i:i + 1])
+            unscale_and_check(grads, found_inf[i:i + 1], inv_scales[i:i + 1])
         checks.append(torch.stack([loss.detach().float(), l_ldm.detach().float(), l_attn.detach().float().to(device)]))
     synced = torch.cat([torch.stack(checks), found_inf[:, None]], dim=1).tolist()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -475,6 +476,30 @@ def test_one_identitys_skipped_step_leaves_it_alone_in_the_update_all_identities
         torch.testing.assert_close(got.identity.optimizer_state, expected.identity.optimizer_state)
 
 
+def test_without_the_one_kernel_gradient_check_the_per_gradient_check_gives_the_same_run(monkeypatch, caplog):
+    """A device whose torch build lacks `_amp_foreach_non_finite_check_and_unscale_` (MPS, the CPU on older torch)
+    learns the same, the skipped step included, and the log says why the check takes more ops there."""
+    from sefi_ide.core import loss_scale
+    from sefi_ide.core.training import train_identities
+
+    jobs = _jobs(2)
+    with_kernel = train_identities(_RowOverflowToyBackend(inf_grad_at_call=2), jobs)
+
+    def missing(*args):
+        raise NotImplementedError("Could not run '_amp_foreach_non_finite_check_and_unscale_' with arguments from "
+                                  "the 'MPS' backend.")
+
+    monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", missing)
+    monkeypatch.setattr(loss_scale, "_NO_CHECK_KERNEL", set())
+    with caplog.at_level("INFO"):
+        without = train_identities(_RowOverflowToyBackend(inf_grad_at_call=2), jobs)
+    assert "no one-kernel gradient check on cpu" in caplog.text
+    for got, expected in zip(without, with_kernel):
+        assert [r["skipped"] for r in got.history] == [r["skipped"] for r in expected.history]
+        assert torch.equal(got.identity.k["clip_l"], expected.identity.k["clip_l"])
+    assert [r["skipped"] for r in without[0].history] == [False, True, False, False]
+
+
 @pytest.mark.parametrize("identities", [1, 3])
 def test_every_identity_is_checked_in_one_kernel_and_all_take_one_adam_update_per_step(identities):
     from sefi_ide.core.training import train_identities
@@ -572,6 +597,41 @@ def test_augmentation_moves_the_mask_with_the_image_and_the_seed_fixes_it():
     again_image, again_mask = augment(geometric, image, mask, seed=5)
     assert torch.equal(again_image, out_image) and torch.equal(again_mask, out_mask)
     assert not torch.equal(augment(geometric, image, mask, seed=6)[1], out_mask)
+
+
+@pytest.mark.parametrize("settings", [{}, {"color_jitter": 0.0}, {"flip_p": 0.0, "scale_min": 1.0, "scale_max": 1.0}],
+                         ids=["all", "no-jitter", "jitter-only"])
+def test_augmenting_identities_together_gives_each_its_own_augmentation_in_fewer_kornia_calls(settings):
+    """Each identity's own seeded augmentation (as if alone), with masks on some identities only; the flip and the
+    scaling run once for all, the colour jitter once per random order of its adjustments."""
+    from sefi_ide.core.augment import augment, augment_together, make_augmenter
+    from sefi_ide.core.settings import TrainSettings
+
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    images = [torch.rand(2, 3, 32, 32, generator=g)] * n  # one photo: only the seeds tell the identities apart
+    masks = [(torch.rand(2, 1, 32, 32, generator=g) > 0.5).float() if i % 3 else None for i in range(n)]
+    seeds = [1_000_003 * i + 7 for i in range(n)]
+    augmenter = make_augmenter(TrainSettings(**settings))
+    expected = [augment(augmenter, x, m, seed) for x, m, seed in zip(images, masks, seeds)]
+    calls: Counter[str] = Counter()
+    modules = [("colour", augmenter.photometric)] + [(type(m).__name__, m) for m in augmenter.geometric]
+    handles = [m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))
+               for name, m in modules if m is not None]
+    try:
+        got_images, got_masks = augment_together(augmenter, images, masks, seeds)
+    finally:
+        for h in handles:
+            h.remove()
+    for (image, mask), got_image, got_mask in zip(expected, got_images, got_masks):
+        torch.testing.assert_close(got_image, image, rtol=1e-5, atol=1e-6)
+        assert (got_mask is None) == (mask is None)
+        if mask is not None:
+            torch.testing.assert_close(got_mask, mask, rtol=1e-5, atol=1e-6)
+    assert all(calls[type(m).__name__] == 1 for m in augmenter.geometric)
+    if augmenter.photometric is not None:
+        assert 1 <= calls["colour"] < n  # these seeds give some identities the same order of adjustments
+    assert not all(torch.equal(x, got_images[0]) for x in got_images[1:])  # the seeds give different augmentations
 
 
 def test_the_noise_stream_is_the_seeded_draw_step_by_step_across_chunks_and_a_resume():
