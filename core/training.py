@@ -360,7 +360,8 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     torch.stack(losses).sum().backward()
 
     # each identity's gradients unscaled (fp16 loss scale; by a power of two: exact) and checked for inf/NaN in ONE
-    # multi-tensor kernel (loss_scale.py), then ONE host-device sync per step: every identity's losses and check come back together
+    # multi-tensor kernel (loss_scale.py), then ONE host-device sync per step: every identity's losses and check come
+    # back together
     device = losses[0].device
     found_inf = torch.zeros(N, device=device)
     inv_scales = to_device(torch.tensor([1.0 / L.loss_scale.value for L in learners]), found_inf)

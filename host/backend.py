@@ -105,7 +105,8 @@ class ComfyTrainingBackend:
                         pooled_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Contexts (n, T, D) for the target prompt with row i injected, in ONE text-encoder call, and the pooled
         output of row 0 (1, D), or of each row in `pooled_of` (len, D) (SDXL: from OpenCLIP-G; the training loop
-        puts each identity's K token first among its rows, so its pooled output comes from the K path)."""
+        puts each identity's K token first among its rows, so its pooled output comes from the K path). Both stay on
+        the UNet's device (never through the host's intermediate device: see `host_outputs_on`)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
         ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None, output_device=self.device)
