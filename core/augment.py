@@ -45,7 +45,8 @@ def make_augmenter(settings: TrainSettings) -> Augmenter:
 
 def augment(augmenter: Augmenter, images: torch.Tensor, masks: torch.Tensor | None,
             seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """images (B,3,H,W) in [0,1]; seeded without disturbing the global RNG stream."""
+    """images (B,3,H,W) in [0,1]; seeded without disturbing the global RNG stream. One identity's augmentation: the
+    definition `augment_together` keeps for each identity (training calls that)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return augmenter(images, masks)

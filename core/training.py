@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from .augment import augment_together, make_augmenter
+from .augment import Augmenter, augment_together, make_augmenter
 from .errors import SeFiError
 from .generator import GENERATOR_VERSION, TokenGenerator
 from .identity import Identity, image_sha256, token_norms
@@ -148,9 +148,9 @@ class _Learner:
     generators: dict[str, TokenGenerator]
     names: dict[torch.nn.Parameter, str]
     loss_scale: LossScale
-    augmenter: torch.nn.Module
     noise: NoiseStream
-    photo_rng: torch.Generator  # which photo each row uses (several photos): apart from `noise`, so one photo = as before
+    # which photo each row uses (several photos): apart from `noise`, so one photo = as before
+    photo_rng: torch.Generator
     base: dict[str, torch.Tensor]
     start: int
     family: str
@@ -190,9 +190,8 @@ def _learner(backend: TrainingBackend, job: IdentityJob) -> _Learner:
         if photos > 1:
             torch.randint(0, photos, (settings.batch_size,), generator=photo_rng)
     mask = None if job.mask is None else job.mask.to(backend.device)
-    return _Learner(job, job.image.to(backend.device), mask, generators, names, loss_scale, make_augmenter(settings),
-                    noise, photo_rng, {enc: gen.base.detach().cpu().clone() for enc, gen in generators.items()}, start,
-                    backend.family)
+    return _Learner(job, job.image.to(backend.device), mask, generators, names, loss_scale, noise, photo_rng,
+                    {enc: gen.base.detach().cpu().clone() for enc, gen in generators.items()}, start, backend.family)
 
 
 def _shared(settings: TrainSettings) -> TrainSettings:
@@ -220,6 +219,7 @@ def train_identities(
     if len({L.start for L in learners}) != 1:
         raise SeFiError("Identities learned together must resume from the same step; resume them one by one.")
     optimizer = _adam([p for L in learners for p in L.names], first.lr)
+    augmenter = make_augmenter(first)  # depends only on settings every identity shares
     for L in learners:
         if L.job.resume is not None and L.job.resume.optimizer_state:  # exact continuation: Adam's moments
             _load_optimizer_state(optimizer, L.names, L.job.resume.optimizer_state)
@@ -231,7 +231,7 @@ def train_identities(
             if not active:
                 break
             preview = preview_every > 0 and (step + 1) % preview_every == 0
-            records = _train_step(backend, active, ref_context, ref_pooled, step, optimizer, preview)
+            records = _train_step(backend, active, ref_context, ref_pooled, step, optimizer, augmenter, preview)
             if on_step is not None:
                 on_step(step + 1, first.steps, records[0] if len(jobs) == 1 else {"step": step + 1,
                                                                                   "identities": records})
@@ -260,7 +260,7 @@ def train_identity(
 
 
 def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context: torch.Tensor,
-                ref_pooled: torch.Tensor | None, step: int, optimizer: torch.optim.Adam,
+                ref_pooled: torch.Tensor | None, step: int, optimizer: torch.optim.Adam, augmenter: Augmenter,
                 preview: bool = False) -> list[dict]:
     """One step for every active identity: data -> noise -> text -> latents -> UNet -> L = L_LDM + λ·L_attn -> one
     Adam update."""
@@ -268,18 +268,16 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
     S, B, N = settings.num_stages, settings.batch_size, len(learners)
     use_attn = settings.attn_lambda > 0
     # data: each identity's augmented reference (and mask through the same geometric transform), on the device.
-    # Order within the step: whatever makes the host wait for the GPU (the augmentation's and the text encoder's
-    # small uploads from host memory) is issued first, the large GPU work (VAE, UNet) after it, so those waits find
-    # little in the GPU's queue.
+    # Order within the step: what makes the host wait for the GPU (the host's text encoder uploads its token ids from
+    # host memory) is issued before the large GPU work (VAE, UNet), so those waits find little in the GPU's queue.
     photos = []
     for L in learners:
         if L.images.shape[0] > 1:  # several photos of the person: each row samples one
             photos.append(L.images[torch.randint(0, L.images.shape[0], (B,), generator=L.photo_rng)])
         else:
             photos.append(L.images.expand(B, -1, -1, -1))
-    # each identity's own augmentation from its own seed, applied to all of them in one go (the settings it depends
-    # on are shared)
-    images, masks = augment_together(learners[0].augmenter, photos,
+    # each identity's own augmentation from its own seed, applied to all of them in one go
+    images, masks = augment_together(augmenter, photos,
                                      [L.mask.expand(B, -1, -1, -1) if L.mask is not None else None for L in learners],
                                      [L.job.settings.seed * 1_000_003 + step for L in learners])
 

@@ -109,7 +109,8 @@ class ComfyTrainingBackend:
         the UNet's device (never through the host's intermediate device: see `host_outputs_on`)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]
-        ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None, output_device=self.device)
+        ctx, pooled = encode_variants(self.clip, variants, every_pooled=pooled_of is not None,
+                                      output_device=self.device)
         if pooled_of is not None and pooled is not None:
             pooled = pooled[pooled_of]
         return ctx, pooled
