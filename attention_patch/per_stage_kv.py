@@ -79,18 +79,37 @@ class PerStageKVPatch:
     def _note_unapplied_mask(self, extra_options: dict, new_pass: bool) -> None:
         """A region mask handed to the previous layer and never taken: that layer's attention call did not go through
         the host's `optimized_attention_override` (another pack replaced it without passing transformer_options), so
-        the identity was not confined there. Logged once per new set of such layers, naming them."""
+        the identity was not confined there. Logged once per new set of such layers, naming them: at the start of
+        the next pass, and at the end of sampling (`report_unapplied_masks`) for the last pass's."""
+        self._take_unapplied()
+        if new_pass:
+            self._report()
+        block = extra_options.get("block")
+        self._layer = None if block is None else f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
+
+    def _take_unapplied(self) -> None:
         attention = self.region_attention
         if (attention.pending is not None or attention.missed) and self._layer is not None:
             self.unmasked_layers.add(self._layer)
         attention.pending, attention.missed = None, False
-        if new_pass and len(self.unmasked_layers) > self._reported:
+
+    def _report(self) -> None:
+        if len(self.unmasked_layers) > self._reported:
             self._reported = len(self.unmasked_layers)
             log.warning("SeFi-IDE: the region mask of an identity was not applied at cross-attention layer(s) %s: "
                         "another pack replaces the attention there without passing ComfyUI's transformer_options. "
                         "The identity may appear outside its region.", ", ".join(sorted(self.unmasked_layers)))
-        block = extra_options.get("block")
-        self._layer = None if block is None else f"{block[0]}.{block[1]}.{extra_options.get('block_index', 0)}"
+
+    def report_unapplied_masks(self, executor, *args, **kwargs):
+        """An OUTER_SAMPLE wrapper: after sampling, the last pass's unapplied masks are noted and logged too (a
+        one-step sampling has no next pass to report them)."""
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            if self.region_attention is not None:
+                self._take_unapplied()
+                self._layer = None
+                self._report()
 
     def _swap(self, context: torch.Tensor, value: torch.Tensor, sigmas: torch.Tensor):
         """(K context, V context, match (rows, blocks) or None)."""

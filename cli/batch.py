@@ -96,6 +96,7 @@ def placeholder_for(stem: str) -> str:
 def plan_learn(photos: Path) -> list[Item]:
     """One item per photo, sorted by name; placeholders from file names, collisions and blanks marked as errors."""
     items, seen = [], {}
+    photos = photos.expanduser().resolve()  # a relative folder is the caller's, whatever ComfyUI's input folder is
     for path in sorted(p for p in photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()):
         placeholder = placeholder_for(path.stem)
         item = Item(path.name, sha256_file(path), f"{placeholder[1:-1]}.safetensors", str(path), placeholder)
@@ -179,24 +180,22 @@ class Worker:
         """Photos -> identity files, `per_pass` identities in each UNet pass (0: as many as fit)."""
         import torch
 
-        import nodes as comfy_nodes
-
         from ..core.errors import SeFiError
         from ..core.identity import save_identity
         from ..core.settings import TrainSettings
         from ..core.training import TrainingStopped
         from ..host.batch import batch_jobs, learn_identities
         from ..host.grad_scope import training_scope
-        from ..host.images import prepare_reference
+        from ..host.images import prepare_reference, read_photo
         from ..host.text import detect_family
 
         items = [Item(**i) for i in items]
         base = TrainSettings(**settings).with_family_resolution(detect_family(self.clip, self.model))
         results, ready = [], []
-        for item in items:  # load and check each photo the way 'Load Image' + the learn node do
+        for item in items:  # load and check each photo the way 'Load Image' + the learn node do on this host
             started = time.monotonic()
             try:
-                image = comfy_nodes.LoadImage().load_image(item.source)[0]
+                image = read_photo(item.source)
                 ready.append((item, prepare_reference(image, None, base.resolution)[0], started))
             except (SeFiError, OSError, ValueError) as exc:
                 results.append(entry(item, "failed", time.monotonic() - started, _message(exc)))

@@ -235,7 +235,9 @@ def train_identities(
             if on_step is not None:
                 on_step(step + 1, first.steps, records[0] if len(jobs) == 1 else {"step": step + 1,
                                                                                   "identities": records})
-    except Exception as exc:  # cancel: hand back every identity's last good state, resumable exactly
+    # cancel: hand back every identity's last good state, resumable exactly. BaseException: the host's interrupt
+    # derives from it since ComfyUI 0.28 (from Exception before), and Ctrl+C in the batch command is one too
+    except BaseException as exc:
         raise TrainingStopped(exc, [L.result(optimizer) for L in learners]) from exc
     return [L.result(optimizer) for L in learners]
 

@@ -15,12 +15,14 @@ from ..core.errors import SeFiError
 from ..core.identity import FAMILY_ENCODERS
 from ..core.settings import TrainSettings
 from .checkpointing import checkpointed
+from .dynamic_vram import learning_copies
 from .grad_scope import frozen_pass, grad_pass
 from .text import check_placeholder, detect_family, encode_variants, inject, mark_prompt, word_embedding, word_token_id
 
 log = logging.getLogger(__name__)
 
 
+_NO_ADM = object()  # the model takes no `y` (SD1)
 COMPILE_KEY = "torch.compile"  # the wrapper key of ComfyUI's TorchCompileModel (comfy_api/torch_helpers)
 
 
@@ -54,6 +56,7 @@ class ComfyTrainingBackend:
         import comfy.model_management
         import comfy.model_sampling
 
+        model, clip = learning_copies(model, clip)  # DynamicVRAM: the host's non-dynamic copies (see the module)
         self.family = detect_family(clip, model)
         self.model = model
         self.clip = clip
@@ -163,6 +166,8 @@ class UNetPass:
         if (h, w) not in self._size_parts:
             self._size_parts[(h, w)] = self._size_part(pooled.shape[-1], h, w)
         size_part = self._size_parts[(h, w)]
+        if size_part is _NO_ADM:  # SD1: the model takes no `y`
+            return None
         if size_part is None:  # the host's layout is not pooled-then-size: its own function, every step
             adm = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h, target_width=w,
                                               target_height=h, crop_w=0, crop_h=0)
@@ -170,13 +175,16 @@ class UNetPass:
         rows = pooled.to(self.device).expand(z0.shape[0], -1)
         return torch.cat([rows, size_part.expand(rows.shape[0], -1)], dim=1)  # dtypes promote as the host's do
 
-    def _size_part(self, width: int, h: int, w: int) -> torch.Tensor | None:
+    def _size_part(self, width: int, h: int, w: int) -> torch.Tensor | None | object:
         """The host's `encode_adm` columns after the pooled ones, on the device, if `y` is [pooled | size part] with
-        the size part independent of the pooled rows (SDXL in every release this pack declares); else None."""
+        the size part independent of the pooled rows (SDXL in every release this pack declares); `_NO_ADM` for a
+        model without `y` (SD1); else None."""
         probes = torch.stack([torch.zeros(width), torch.linspace(-1.0, 1.0, width)])
         adm = self.model.model.encode_adm(pooled_output=probes, width=w, height=h, target_width=w, target_height=h,
                                           crop_w=0, crop_h=0)
-        if (adm is not None and adm.shape[1] > width and torch.equal(adm[:, :width].cpu(), probes)
+        if adm is None:
+            return _NO_ADM
+        if (adm.shape[1] > width and torch.equal(adm[:, :width].cpu(), probes)
                 and torch.equal(adm[0, width:], adm[1, width:])):
             return adm[:1, width:].to(self.device)
         log.info("SeFi-IDE: this host's SDXL conditioning is not [pooled | size]; `y` is built by the host every step.")
@@ -215,7 +223,8 @@ class UNetPass:
         """Our map capture replaces the attention call at the loss layers; another pack's attention replacement
         there does not run in the training passes (it does everywhere else, and in sampling)."""
         foreign = set(base_options.get("patches_replace", {}).get("attn2", {}))
-        overlap = sorted(".".join(map(str, key)) for key in foreign & {layer.key for layer in self.capture.layers})
+        # the host looks up (block, id, index), then (block, id): ComfyUI_IPAdapter_plus registers the latter for SD1
+        overlap = sorted(layer.name for layer in self.capture.layers if layer.key in foreign or layer.key[:2] in foreign)
         if overlap and not self._warned:
             self._warned = True
             log.warning("SeFi-IDE: another pack replaces cross-attention at the loss layers %s; while learning, the "

@@ -93,7 +93,13 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
         options = patched.model_options.setdefault("transformer_options", {})
         region_attention = RegionAttention(previous=options.get("optimized_attention_override"))
         options["optimized_attention_override"] = region_attention
-    patched.set_model_attn2_patch(PerStageKVPatch(nominal, contexts_k, contexts_v,
-                                                  model.get_model_object("model_sampling"), regions, region_attention))
+    kv_patch = PerStageKVPatch(nominal, contexts_k, contexts_v, model.get_model_object("model_sampling"), regions,
+                               region_attention)
+    patched.set_model_attn2_patch(kv_patch)
+    if region_attention is not None:
+        import comfy.patcher_extension
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sefi_ide.region_masks",
+                                     kv_patch.report_unapplied_masks)
     conditioning = [[nominal.unsqueeze(0).clone(), {"pooled_output": pooled}]]
     return patched, conditioning

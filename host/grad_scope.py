@@ -21,6 +21,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from .dynamic_vram import in_training
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -97,9 +99,10 @@ _ACTIVE: list[_AliasInferenceTensors] = []
 
 @contextlib.contextmanager
 def training_scope() -> Iterator[None]:
-    """Leave the host's inference mode, enable gradients, alias inference tensors; all restored on exit."""
+    """Leave the host's inference mode, enable gradients, alias inference tensors, tell the host it is training
+    (`in_training`); all restored on exit."""
     mode = _AliasInferenceTensors()
-    with torch.inference_mode(False), torch.enable_grad(), mode:
+    with torch.inference_mode(False), torch.enable_grad(), in_training(), mode:
         _ACTIVE.append(mode)
         try:
             yield

@@ -1,5 +1,8 @@
-"""ComfyUI IMAGE / MASK -> the (1,3,R,R) reference the training loop takes, with clear errors."""
+"""Photos and ComfyUI IMAGE / MASK -> the (1,3,R,R) reference the training loop takes, with clear errors."""
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,39 @@ from ..core.errors import SeFiError
 
 MIN_SIDE = 64
 MAX_SIDE = 4096
+_INPUT_FOLDER_LOCK = threading.Lock()
+
+
+def read_photo(path: str | Path) -> torch.Tensor:
+    """A photo file anywhere -> IMAGE (1,H,W,3): the pixels the host's own Load Image gives for it.
+
+    The host's decoder is used, not a copy of it: Load Image changed under us (0.28 decodes with PyAV: other JPEG
+    pixels, 16-bit PNGs read properly), and the batch command must learn what a graph on the same host learns.
+    Load Image reads only inside ComfyUI's input folder (0.28+ refuses other paths), so for this call that folder is
+    the photo's own. A photo that cannot be decoded gets an error naming the file and what is wrong.
+    """
+    import folder_paths
+
+    import nodes as comfy_nodes
+
+    photo = Path(path).expanduser().resolve()  # relative paths: from the caller's folder, not ComfyUI's input
+    if not photo.is_file():
+        raise SeFiError(f"Photo '{photo}' does not exist or is not a file.")
+    with _INPUT_FOLDER_LOCK:
+        before = folder_paths.get_input_directory()
+        folder_paths.set_input_directory(str(photo.parent))
+        try:
+            image = comfy_nodes.LoadImage().load_image(photo.name)[0]
+        except Exception as exc:  # PIL / PyAV raise many types: OSError, ValueError, av.error.*, SyntaxError, ...
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise SeFiError(f"Photo '{photo}' cannot be read ({reason}): the file is damaged, cut short or not an "
+                            f"image. Open and re-save it as PNG or JPEG, or replace it.") from exc
+        finally:
+            folder_paths.set_input_directory(before)
+    if image.shape[0] != 1:
+        raise SeFiError(f"Photo '{photo}' holds {image.shape[0]} frames; save the frame with the face as a still "
+                        f"PNG or JPEG.")
+    return image
 
 
 def prepare_reference(image: torch.Tensor, mask: torch.Tensor | None, resolution: int):

@@ -345,13 +345,15 @@ def test_a_region_mask_that_another_packs_attention_drops_is_logged_naming_the_l
     left = torch.zeros(64, 64)
     left[:, :32] = 1.0
     ident = dataclasses.replace(random_identity(clip, placeholder="<alice>"), region=left)
-    with torch.inference_mode():
-        m, positive = apply_identities(patched, clip, "a photo of <alice> at the beach", [ident])
-    sample(m, clip, positive, steps=2)
-    warning = next(r.getMessage() for r in caplog.records if "region mask" in r.getMessage())
-    for layer in layers:
-        assert layer.name in warning
-    assert len([r for r in caplog.records if "region mask" in r.getMessage()]) == 1  # once, not per step
+    for steps in (1, 2):  # one step: one model pass, reported when sampling ends; two: still once, not per step
+        with torch.inference_mode():
+            m, positive = apply_identities(patched, clip, "a photo of <alice> at the beach", [ident])
+        caplog.clear()
+        sample(m, clip, positive, steps=steps)
+        warnings = [r.getMessage() for r in caplog.records if "region mask" in r.getMessage()]
+        assert len(warnings) == 1, (steps, warnings)
+        for layer in layers:
+            assert layer.name in warnings[0]
 
 
 def test_region_masks_are_refused_on_a_comfyui_without_the_attention_override(sd1, monkeypatch):

@@ -241,6 +241,25 @@ class _ToyBackend:
         return pred, maps
 
 
+class _Cancelled(BaseException):
+    """Like ComfyUI 0.28's InterruptProcessingException: not an Exception."""
+
+
+@pytest.mark.parametrize("cause", [_Cancelled, KeyboardInterrupt, RuntimeError])
+def test_cancel_of_any_exception_base_keeps_the_last_good_state(cause):
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import TrainingStopped, train_identity
+
+    def cancel_at_two(step, steps, record):
+        if step == 2:
+            raise cause()
+
+    settings = TrainSettings(steps=6, resolution=64, attn_lambda=0.0, color_jitter=0.0, scale_min=1.0, scale_max=1.0)
+    with pytest.raises(TrainingStopped) as stopped:
+        train_identity(_ToyBackend(), torch.rand(1, 3, 64, 64), settings, on_step=cancel_at_two)
+    assert type(stopped.value.cause) is cause and stopped.value.partial.identity.trained_steps == 2
+
+
 def test_divergence_stops_reports_the_step_and_keeps_the_last_good_state():
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.core.training import TrainingStopped, train_identity

@@ -397,6 +397,7 @@ def test_identity_of_the_other_family_is_refused_naming_both(request, learned_on
         apply_identities(model, clip, TEXT, [ident])
 
 
+@pytest.mark.smoke
 def test_stopped_training_resumes_exactly_to_the_uninterrupted_result(models, tmp_path):
     from sefi_ide.core.identity import load_identity, save_identity
     from sefi_ide.core.training import TrainingStopped, train_identity
@@ -405,16 +406,18 @@ def test_stopped_training_resumes_exactly_to_the_uninterrupted_result(models, tm
     settings, reference, backend = _training_setup(models, steps=4, seed=5)
     settings.color_jitter, settings.flip_p, settings.scale_min, settings.scale_max = 0.2, 0.5, 0.8, 1.2
 
+    from comfy.model_management import InterruptProcessingException  # what Cancel raises (a BaseException on 0.28+)
+
     def stop_at_two(step, steps, record):
         if step == 2:
-            raise RuntimeError("cancelled")
+            raise InterruptProcessingException()
 
     with training_scope():
         full = train_identity(backend, reference, settings).identity
         with pytest.raises(TrainingStopped) as stopped:
             train_identity(backend, reference, settings, on_step=stop_at_two)
         partial = stopped.value.partial.identity
-        assert partial.trained_steps == 2 and isinstance(stopped.value.cause, RuntimeError)
+        assert partial.trained_steps == 2 and isinstance(stopped.value.cause, InterruptProcessingException)
         reloaded = load_identity(save_identity(partial, tmp_path / "stopped.safetensors"))
         resumed = train_identity(backend, reference, settings, resume=reloaded).identity
     assert resumed.trained_steps == 4

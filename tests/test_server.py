@@ -29,6 +29,7 @@ def checkpoint_nodes(steps=3, text="a photo of a person"):
     }
 
 
+@pytest.mark.smoke
 def test_object_info_lists_every_node_with_tooltips(server):
     info = requests.get(f"{server['url']}/object_info", timeout=30).json()
     assert OUR_NODES <= set(info), sorted(OUR_NODES - set(info))
@@ -48,6 +49,7 @@ def test_plain_text_to_image_graph_writes_an_image(server):
     assert (server["base"] / "output" / images[0]["filename"]).is_file()
 
 
+@pytest.mark.smoke
 def test_learn_save_load_apply_sample_over_http(server):
     import numpy as np
     from PIL import Image
@@ -99,6 +101,7 @@ def _learn_apply_graph(image_name: str, text: str) -> dict:
     return graph
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("image_kind,text,expected", [
     ("flat", "<bob> at the beach", "blank"),
     ("noise", "a photo with no placeholder", "does not contain the placeholder(s) <bob>"),
@@ -117,6 +120,36 @@ def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, imag
     assert entry["status"]["status_str"] == "error"
     assert expected in str(entry["status"]["messages"])
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
+
+
+def _progress_until_done(server, graph: dict, node: str, timeout: float = 300) -> tuple[list[int], str]:
+    """Run `graph`; the progress values `node` reported over the websocket, and the status of the run."""
+    import asyncio
+
+    import aiohttp
+
+    client_id = str(uuid.uuid4())
+
+    async def run() -> tuple[list[int], str]:
+        values = []
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(f"{server['url']}/ws?clientId={client_id}") as ws:
+            async with session.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
+                prompt_id = (await r.json())["prompt_id"]
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                data = json.loads(msg.data)
+                kind, body = data.get("type"), data.get("data", {})
+                if body.get("prompt_id") != prompt_id:
+                    continue
+                if kind == "progress" and body.get("node") == node:
+                    values.append(body["value"])
+                elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+                    return values, kind
+        raise RuntimeError("websocket closed before the run ended")
+
+    return asyncio.run(asyncio.wait_for(run(), timeout))
 
 
 def _queue_and_wait_for_progress(server, graph: dict, min_step: int, timeout: float = 300) -> str:
@@ -162,6 +195,7 @@ def _advanced_learn_graph(server, image_name: str, steps: int, seed: int) -> dic
     return graph
 
 
+@pytest.mark.smoke
 def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(server):
     import psutil
 
@@ -190,6 +224,15 @@ def test_interrupt_stops_learning_within_a_step_and_the_server_keeps_serving(ser
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
     grown = proc.memory_info().rss - baseline  # the cancelled run's tensors are gone
     assert grown < 0.15 * baseline, f"memory grew by {grown / 2**20:.0f} MiB after the cancelled run"
+
+    # resume: the stopped file into 'resume_from' continues from its step (exactness: test_mechanism)
+    done = int(kept[0].stem.rsplit("step", 1)[1])
+    resume = dict(graph)
+    resume["stopped"] = {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": kept[0].name}}
+    resume["learn"] = {**graph["learn"], "inputs": {**graph["learn"]["inputs"], "steps": done + 2,
+                                                    "resume_from": ["stopped", 0]}}
+    progress, status = _progress_until_done(server, resume, "learn")
+    assert status == "execution_success" and progress and min(progress) > done and max(progress) == done + 2
 
 
 def _write_identity(server, name: str, seed: int) -> None:

@@ -381,3 +381,43 @@ def test_workflows_load_in_the_real_page_and_one_runs_from_it(server, object_inf
         browser.save_screenshot(str(ARTIFACTS / "workflow-queued-from-page.png"))
     finally:
         browser.quit()
+
+
+def test_the_cards_come_from_our_route_where_the_host_serves_only_the_json(comfy_host):
+    """Newer ComfyUI (0.38) answers /workflow_templates/<pack>/<file> with the .json templates only, from a handler
+    registered after custom nodes' routes. Our route, first, serves our .jpg cards and nothing else."""
+    import asyncio
+    from urllib.parse import quote
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from sefi_ide.nodes.template_cards import add_card_route
+
+    routes = web.RouteTableDef()
+    add_card_route(routes, "ComfyUI-SeFi-IDE")  # at import of the pack: before the host's own routes
+
+    @routes.get("/workflow_templates/{module_name}/{filename}")
+    async def host_json_only(request):  # upstream 0.38's get_workflow_template_file, in short
+        if not request.match_info["filename"].endswith(".json"):
+            raise web.HTTPNotFound()
+        return web.json_response({"from": "host"})
+
+    names = [n for p in UI_FILES for n in (p.stem + ".jpg", p.name)]
+    bad = ["missing.jpg", "../README.jpg", "..%2F..%2Fdocs%2Fworkflow.jpg", "icon.png"]
+
+    async def get_all() -> dict[str, tuple[int, bytes]]:
+        app = web.Application()
+        app.add_routes(routes)
+        async with TestClient(TestServer(app)) as client:
+            out = {}
+            for name in names + bad:
+                response = await client.get(f"/workflow_templates/ComfyUI-SeFi-IDE/{quote(name)}")
+                out[name] = (response.status, await response.read())
+            return out
+
+    got = asyncio.run(get_all())
+    for path in UI_FILES:
+        assert got[path.stem + ".jpg"] == (200, path.with_suffix(".jpg").read_bytes())
+        assert got[path.name] == (200, b'{"from": "host"}')  # the templates stay the host's
+    for name in bad:
+        assert got[name][0] == 404, name
