@@ -2,6 +2,7 @@
 the same code as the nodes.
 
     python sefi_batch.py learn  --checkpoint FILE --photos DIR --out DIR [--settings JSON] [--identities-per-pass N]
+                                [--export-embeddings [DIR]] [--overwrite-embeddings]
     python sefi_batch.py render --checkpoint FILE --identities DIR --jobs FILE.jsonl --out DIR
     both: [--comfyui PATH] [--cpu] [--ray local|auto|ADDRESS] [--workers N]
 
@@ -386,6 +387,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     learn.add_argument("--identities-per-pass", type=int, default=0,
                        help="identities in one UNet batch (0 = as many as fit). 1 gives files byte-identical to "
                             "the nodes'; more are equal to float tolerance, and faster on a GPU")
+    learn.add_argument("--export-embeddings", nargs="?", const="", metavar="DIR",
+                       help="also write each learned identity as a textual-inversion embedding (one token: see "
+                            "docs/nodes.md) into DIR, default: the ComfyUI's models/embeddings")
+    learn.add_argument("--overwrite-embeddings", action="store_true",
+                       help="replace existing embeddings of the same names (default: only identical ones are kept)")
     render = sub.add_parser("render", parents=[common], help="prompts x identities -> images")
     render.add_argument("--identities", required=True, help="folder of identity files")
     render.add_argument("--jobs", required=True, help="JSONL, one job per line (see the module docstring)")
@@ -461,4 +467,20 @@ def main(argv: list[str] | None = None) -> int:
     per_item = f", {sum(seconds) / len(seconds):.1f} s per item" if seconds else ""
     print(f"{args.command}: {counts['done']} done, {skipped} skipped (already done), {counts['failed']} failed"
           f"{per_item}. Manifest: {manifest.path}")
+    if args.command == "learn" and args.export_embeddings is not None:
+        counts["failed"] += _export_embeddings(args, Path(comfyui), out, manifest, items)
     return 1 if counts["failed"] else 0
+
+
+def _export_embeddings(args: argparse.Namespace, comfyui: Path, out: Path, manifest: Manifest,
+                       items: list[Item]) -> int:
+    """--export-embeddings: every identity the manifest has as done, as an embedding. Returns the failures."""
+    from ..core.textual_inversion import export_identity_files
+
+    folder = Path(args.export_embeddings) if args.export_embeddings else comfyui / "models" / "embeddings"
+    done = [out / i.output for i in items if manifest.finished(i.key, i.sha256, out)]
+    written, errors = export_identity_files(done, folder, overwrite=args.overwrite_embeddings)
+    for error in errors:
+        log.warning("embedding not written: %s", error)
+    print(f"embeddings: {len(written)} in {folder} (write embedding:<name> in a prompt), {len(errors)} failed")
+    return len(errors)

@@ -1,6 +1,7 @@
 """Node registration only. Node IDs are stable forever: saved workflows depend on them."""
 from .apply import ApplyPerStageIDTokens
 from .common import register_identity_folder
+from .export import ExportIDEmbeddingAsTextualInversion
 from .files import LoadIDEmbedding, SaveIDEmbedding
 from .heatmap import IDAttentionHeatmap
 from .learn import FaceAttentionLossTrainer, LearnIDEmbedding, LearnIDEmbeddingsBatch
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS = {
     "LoadIDEmbedding": LoadIDEmbedding,
     "IDAttentionHeatmap": IDAttentionHeatmap,
     "IDEmbeddingOptions": IDEmbeddingOptions,
+    "ExportIDEmbeddingAsTextualInversion": ExportIDEmbeddingAsTextualInversion,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -28,4 +30,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoadIDEmbedding": "Load ID Embedding (SeFi-IDE)",
     "IDAttentionHeatmap": "ID Attention Heatmap (SeFi-IDE)",
     "IDEmbeddingOptions": "ID Embedding Options: strength, region (SeFi-IDE)",
+    "ExportIDEmbeddingAsTextualInversion": "Export ID Embedding as Textual Inversion (SeFi-IDE)",
 }

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..host.conditioning import apply_identities
-from .common import CATEGORY, IDENTITY
+from .common import CATEGORY, IDENTITY, SEARCH_WORDS
 
 MAX_IDENTITIES = 4
 
@@ -17,6 +17,8 @@ class ApplyPerStageIDTokens:
     OUTPUT_TOOLTIPS = ("A clone of the model with the per-stage K/V patch (the input model is not changed).",
                        "Conditioning for the sampler's positive input.")
     FUNCTION = "apply"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "apply identity", "face in prompt", "conditioning", "textual inversion",
+                      "embedding")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -9,6 +9,9 @@ from ..core.errors import SeFiError
 IDENTITY = "SEFI_IDENTITY"
 CATEGORY = "SeFi-IDE"
 FOLDER = "sefi_identities"
+# Node search on current ComfyUI also matches a classic node's SEARCH_ALIASES (server.py node_info): the words people
+# type when they look for an identity / face pack. Every node has these plus its own.
+SEARCH_WORDS = ("identity", "face", "person", "personalization", "consistent character", "id embedding", "sefi")
 
 
 def register_identity_folder() -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..core.errors import SeFiError
 from ..core.identity import identity_file_name, load_identity, safe_child_path, save_identity
-from .common import CATEGORY, FOLDER, IDENTITY, identity_folder, register_identity_folder
+from .common import CATEGORY, FOLDER, IDENTITY, SEARCH_WORDS, identity_folder, register_identity_folder
 
 
 class SaveIDEmbedding:
@@ -12,6 +12,7 @@ class SaveIDEmbedding:
     RETURN_TYPES = ()
     OUTPUT_NODE = True
     FUNCTION = "save"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "save identity", "save face", "embedding", "share")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -39,6 +40,7 @@ class LoadIDEmbedding:
     OUTPUT_TOOLTIPS = (("The identity in the file: connect it to 'Apply Per-Stage ID Tokens' (or to 'resume_from' "
                         "of the advanced learner, if it was saved with its generator)."),)
     FUNCTION = "load"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "load identity", "load face", "embedding")
 
     @classmethod
     def INPUT_TYPES(cls):

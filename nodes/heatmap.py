@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..host.heatmap import identity_heatmaps
 from ..host.images import prepare_reference
-from .common import CATEGORY, IDENTITY
+from .common import CATEGORY, IDENTITY, SEARCH_WORDS
 
 
 class IDAttentionHeatmap:
@@ -16,6 +16,7 @@ class IDAttentionHeatmap:
                        ("Each stage's k/v token norm relative to the init word's: far above 1 means an over-strong "
                         "identity (lower its strength in 'ID Embedding Options')."))
     FUNCTION = "render"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "attention map", "heat map", "heatmap", "visualize", "token norm")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -15,7 +15,7 @@ from ..host.backend import ComfyTrainingBackend
 from ..host.grad_scope import training_scope
 from ..host.images import prepare_reference
 from ..host.text import check_placeholder, detect_family
-from .common import CATEGORY, IDENTITY, PREVIEW_EVERY, identity_folder, progress_callback, require_finite
+from .common import CATEGORY, IDENTITY, PREVIEW_EVERY, SEARCH_WORDS, identity_folder, progress_callback, require_finite
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,8 @@ class LearnIDEmbedding:
     OUTPUT_TOOLTIPS = ("The learned identity: per-stage K/V tokens. Save it with 'Save ID Embedding'.",
                        _LOSS_CURVE_TOOLTIP)
     FUNCTION = "learn"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "learn face", "train face", "one photo", "face id", "textual inversion",
+                      "embedding")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -140,6 +142,8 @@ class FaceAttentionLossTrainer:
     OUTPUT_TOOLTIPS = ("The learned identity (with generator weights, so training can be resumed).",
                        _LOSS_CURVE_TOOLTIP)
     FUNCTION = "train"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "learn face", "train face", "advanced", "attention loss", "textual inversion",
+                      "embedding")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -224,6 +228,7 @@ class LearnIDEmbeddingsBatch:
     OUTPUT_TOOLTIPS = (("The learned identities, in the order of the photos (a list: nodes after it run once per "
                         "identity)."),)
     FUNCTION = "learn"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "learn faces", "batch", "many people", "several identities", "embedding")
 
     @classmethod
     def INPUT_TYPES(cls):

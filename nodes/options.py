@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..core.errors import SeFiError
-from .common import CATEGORY, IDENTITY, require_finite
+from .common import CATEGORY, IDENTITY, SEARCH_WORDS, require_finite
 
 
 class IDEmbeddingOptions:
@@ -15,6 +15,7 @@ class IDEmbeddingOptions:
     RETURN_NAMES = ("identity",)
     OUTPUT_TOOLTIPS = ("The same identity with these options; the input is not changed.",)
     FUNCTION = "configure"
+    SEARCH_ALIASES = (*SEARCH_WORDS, "identity strength", "face strength", "region", "mask", "two people")
 
     @classmethod
     def INPUT_TYPES(cls):

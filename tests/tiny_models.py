@@ -200,8 +200,9 @@ def _sd1_clip_class(**overrides):
     return ConfiguredSD1ClipModel
 
 
-def random_text_encoder(family: str, seed: int = 0, **overrides):
-    """A random-weight CLIP of a family through ComfyUI's classes, its configs changed by `overrides`."""
+def random_text_encoder(family: str, seed: int = 0, embedding_directory=None, **overrides):
+    """A random-weight CLIP of a family through ComfyUI's classes, its configs changed by `overrides`; with
+    `embedding_directory` its tokenizer reads `embedding:NAME` from there, as a checkpoint loader's CLIP does."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.sdxl_clip
@@ -211,7 +212,7 @@ def random_text_encoder(family: str, seed: int = 0, **overrides):
         target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, _sd1_clip_class(**overrides))
     else:
         target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, _sdxl_clip_class(**overrides))
-    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(target=target, embedding_directory=embedding_directory, model_options={"dtype": torch.float32})
     _fill_module(clip.cond_stage_model, seed)
     return clip
 
