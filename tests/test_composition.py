@@ -447,3 +447,34 @@ def test_a_training_pass_torch_compile_cannot_compile_runs_uncompiled_and_says_s
     assert "could not compile the training pass, so it runs uncompiled" in caplog.text
     assert torch.equal(fallback.identity.k["clip_l"], eager.identity.k["clip_l"])
     assert torch.equal(fallback.identity.v["clip_l"], eager.identity.v["clip_l"])
+
+
+@pytest.mark.parametrize("key_parts", [2, 3])
+def test_another_packs_replacement_at_a_loss_layer_is_logged_whatever_its_key(sd1, caplog, key_parts):
+    """ComfyUI looks up an attn2 replacement by (block, id, index), then by (block, id): ComfyUI_IPAdapter_plus
+    registers SD1's under two-part keys. Either way our map capture takes over that loss layer while learning, and
+    the log says so; a replacement at another layer is not our business. An SD1 run says nothing about SDXL's `y`."""
+    from helpers import photo
+    from sefi_ide.attention_patch.layers import cross_attention_layers
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.training import train_identity
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.images import prepare_reference
+
+    model, clip, vae = sd1
+    layers = cross_attention_layers(model.model.diffusion_model)
+    assert len({layer.key[:2] for layer in layers}) > 1  # two blocks: one with a loss layer, one without
+    loss_layer, other = layers[0], next(layer for layer in layers if layer.key[:2] != layers[0].key[:2])
+    settings = TrainSettings(steps=1, resolution=64, layers=loss_layer.name, placeholder="<alice>")
+    reference, _ = prepare_reference(photo(), None, 64)
+    for at, logged in ((other, False), (loss_layer, True)):
+        patched = model.clone()
+        patched.set_model_attn2_replace(SamplerKeysAttentionReplace(), *at.key[:key_parts])
+        caplog.clear()
+        with caplog.at_level("INFO"), torch.inference_mode(), training_scope():
+            train_identity(ComfyTrainingBackend(patched, clip, vae, settings), reference, settings)
+        assert ("computed without it" in caplog.text) == logged, (at.name, caplog.text)
+        if logged:
+            assert loss_layer.name in caplog.text
+        assert "SDXL conditioning" not in caplog.text
