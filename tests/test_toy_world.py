@@ -1,4 +1,5 @@
-"""The toy world (issue 24): renders, masks, captions, the identity split and the reader."""
+"""The toy world (issue 24): renders, masks, captions, the identity split, the reader, and the pieces of the toy SD1
+checkpoint (analytic VAE, slim UNet) checked against ComfyUI's own classes."""
 from __future__ import annotations
 
 import itertools
@@ -6,11 +7,12 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from sefi_ide.tools.toy_world import degrade
+from sefi_ide.tools.toy_world import degrade, vae
 from sefi_ide.tools.toy_world.attributes import ATTRIBUTES, IDENTITY_ATTRIBUTES, PHRASES, SUBJECT_PROMPT, Scene
 from sefi_ide.tools.toy_world.reader import Reader, agreement, visible
 from sefi_ide.tools.toy_world.render import HAIR, LABELS, SKIN, render
 from sefi_ide.tools.toy_world.tokens import load_token_ids, tokenize, vocabulary
+from sefi_ide.tools.toy_world.unet import COMFY_UNET_CONFIG, SlimConfig, SlimUNet
 from sefi_ide.tools.toy_world.world import (
     all_identities,
     caption,
@@ -169,3 +171,76 @@ def test_reader_is_not_fooled_by_a_changed_attribute(reader):
         a, b = reader.read(np.stack([render(base).image, render(changed).image]))
         assert a[attribute] == base.values[attribute] and b[attribute] == other, attribute
         assert {k: v for k, v in a.items() if k != attribute} == {k: v for k, v in b.items() if k != attribute}
+
+
+# --- the toy checkpoint's pieces against ComfyUI ----------------------------------------------------------------------
+
+def test_analytic_vae_through_comfyui_encodes_cell_means_and_decodes_mosaics(comfy_host):
+    import comfy.sd
+
+    model = comfy.sd.VAE(sd={k: v.half() for k, v in vae.vae_state_dict().items()})
+    assert type(model.first_stage_model).__name__ == "TAESD"
+    pictures = torch.from_numpy(np.stack([render(s).image for s in scenes(3, 2)])).float() / 255
+    latents = model.encode(pictures)
+    expected = vae.encode(pictures.permute(0, 3, 1, 2) * 2 - 1)
+    assert latents.shape == (2, 4, 16, 16)
+    assert torch.allclose(latents, expected, rtol=2e-3, atol=2e-2)
+    assert latents[:, :3].std() > 1 and (latents[:, 3] == 0).all()  # three colour axes; the fourth is unused
+    decoded = model.decode(latents)
+    mosaic = degrade.vae_roundtrip(pictures.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert (decoded - mosaic).abs().max() < 1.5 / 255
+
+
+def test_colour_basis_matches_the_world():
+    pictures = np.stack([render(s).image for s in scenes(5, 150, trained_identities())]).astype(np.float64)
+    cells = (pictures / 127.5 - 1).reshape(-1, 16, 8, 16, 8, 3).mean(axis=(2, 4)).reshape(-1, 3)
+    mean, axes, std = vae.colour_basis(cells)
+    # whitened: every latent channel but the unused fourth has about unit variance at the UNet's scale
+    latents = vae.encode(torch.from_numpy(pictures).permute(0, 3, 1, 2) / 127.5 - 1) * vae.SD1_SCALE
+    assert torch.allclose(latents[:, :3].std(dim=(0, 2, 3)), torch.ones(3, dtype=torch.float64), rtol=0.1)
+    assert np.allclose(mean, vae.COLOUR_MEAN, atol=0.03) and np.allclose(std, vae.COLOUR_STD, rtol=0.08)
+    assert (np.abs((axes * np.array(vae.COLOUR_AXES)).sum(1)) > 0.98).all()
+
+
+def test_slim_unet_exports_to_the_shape_comfyui_loads_and_computes_the_same(comfy_host):
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    torch.manual_seed(0)
+    slim = SlimUNet(SlimConfig(width=80, time_width=160, ff_width=200))
+    with torch.no_grad():  # move every weight off its initial value: norms and biases matter too
+        for p in slim.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    full = UNetModel(**COMFY_UNET_CONFIG, operations=comfy.ops.disable_weight_init)
+    full.load_state_dict(slim.shell_state_dict())  # strict: the same keys and shapes
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([5.0, 800.0]), torch.randn(2, 77, 768)
+    with torch.no_grad():
+        expected = slim(x, t, context)
+        got = full(x, t, context=context)
+    assert expected.abs().max() > 0.1
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_toy_checkpoint_loads_as_sd1_and_its_text_encoder_is_a_bag_of_words(comfy_host, tmp_path):
+    import comfy.sd
+    from sefi_ide.tools.toy_world import checkpoint
+    from sefi_ide.tools.toy_world.tokens import tokenize
+
+    torch.manual_seed(0)
+    ids = checkpoint.text_token_ids()
+    rows, weight, bias = torch.randn(len(ids), 768), 1 + 0.1 * torch.randn(768), 0.1 * torch.randn(768)
+    checkpoint.save_trained(tmp_path / "trained.safetensors", SlimUNet(SlimConfig(80, 160, 200)), rows, weight, bias)
+    path = checkpoint.build_checkpoint(tmp_path / "trained.safetensors", tmp_path / "toy.safetensors")
+    with torch.inference_mode():
+        model, clip, loaded_vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+        text = "a photo of the face of person, oval face, at night"
+        context = clip.encode_from_tokens(clip.tokenize(text))[0].float()
+        shuffled = clip.encode_from_tokens(clip.tokenize("a photo of the face of person, at night, oval face"))
+    assert type(model.model.model_config).__name__ == "SD15"
+    assert type(loaded_vae.first_stage_model).__name__ == "TAESD"
+    row = dict(zip(ids, rows.half().float()))
+    expected = torch.nn.functional.layer_norm(torch.stack([row[i] for i in tokenize(text)]), (768,),
+                                              weight.half().float(), bias.half().float())
+    assert torch.allclose(context, expected, atol=5e-3)
+    # identity layers and no position embeddings: the same words in another order give the same rows
+    assert torch.allclose(shuffled[0].float().sort(0).values, context.sort(0).values, atol=1e-3)
