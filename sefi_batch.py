@@ -1,4 +1,4 @@
-"""Learn and render many identities without a ComfyUI server (README "Many identities"). Run it with the Python that
+"""Learn and render many identities without a ComfyUI server (docs/batch.md). Run it with the Python that
 runs ComfyUI, e.g.  python custom_nodes/ComfyUI-SeFi-IDE/sefi_batch.py learn --checkpoint ... --photos ... --out ..."""
 import importlib.util
 import sys

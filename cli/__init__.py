@@ -1,1 +1,1 @@
-"""Command-line batch work without a ComfyUI server (see README "Many identities")."""
+"""Command-line batch work without a ComfyUI server (see docs/batch.md)."""

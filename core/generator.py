@@ -1,6 +1,6 @@
 """The token generator G: the init word's embedding e -> k_1..k_S, v_1..v_S.
 
-Design (generator version 2; version 1 collapsed every slot onto one token, see README "How it works"):
+Design (generator version 2; version 1 collapsed every slot onto one token, see docs/how-it-works.md):
 
 - 2·S slots, one per (stage, K|V). Slot i's input is `e + q_i`, where the slot queries `q_i` start at the
   word-embedding table's own scale (per-element RMS of `e`), so two slots begin as different as two words,

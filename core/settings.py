@@ -8,7 +8,7 @@ from .errors import SeFiError
 from .losses import TokenOption
 
 # Default step count: the paper optimises ~5 min on a TITAN RTX; textual-inversion style single-image
-# runs plateau in a few hundred steps at lr 0.005. 400 steps is our default (see README).
+# runs plateau in a few hundred steps at lr 0.005. 400 steps is our default (docs/how-it-works.md).
 DEFAULT_STEPS = 400
 NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 

@@ -58,6 +58,7 @@ def promised_token(identity) -> dict[str, torch.Tensor]:
     return {enc: torch.cat([identity.k[enc], identity.v[enc]]).float().mean(0) for enc in identity.k}
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_embedding_in_a_plain_clip_text_encode_gives_the_conditioning_the_export_promises(clips, host_embeddings,
                                                                                           family):
@@ -268,6 +269,7 @@ def test_batch_command_exports_each_learned_identity(tiny_sd1_path, one_photo, t
 
 
 @pytest.mark.server
+@pytest.mark.smoke
 def test_export_node_over_http_feeds_clip_text_encode(server):
     from sefi_ide.core.identity import Identity, save_identity
 

@@ -1,5 +1,6 @@
 """Pictures from the real ComfyUI page: each template's card picture (`example_workflows/<name>.jpg`, 400x400,
-what ComfyUI's template browser shows for an extension's template) and the README's pictures (`docs/*.png`).
+what ComfyUI's template browser shows for an extension's template) and the pictures of the README and
+docs/nodes.md (`docs/*.png`).
 
     ~/.cache/sefi-ide/venv/bin/python tools/make_pictures.py
 
