@@ -67,7 +67,7 @@ CANDIDATES: dict[str, Callable[[Table, Table], torch.Tensor]] = {
     "middle stage, mean of K and V": _middle_kv,
     "mean of K and V, rescaled to their mean norm": _mean_kv_rescaled,
 }
-EXPORTED = "mean of K and V over stages"  # the measured best (bench/RESULTS.md block J)
+EXPORTED = "mean of K over stages"  # the measured best (bench/RESULTS.md block J, docs/how-it-works.md)
 
 FILE_KEYS = {"sd1": {"clip_l": "emb_params"}, "sdxl": {"clip_l": "clip_l", "clip_g": "clip_g"}}
 FOLDER = "embeddings"  # ComfyUI's models/embeddings (folder_paths name)
