@@ -112,16 +112,33 @@ def test_the_pack_ships_the_workflows_a_newcomer_needs():
             assert picture.format == "JPEG" and picture.size == (400, 400)
 
 
-def test_the_files_are_what_tools_make_workflows_writes():
-    """Both formats come from one description; a hand edit or a node change not regenerated shows up here."""
+def _without_unlinked_outputs(ui: dict) -> dict:
+    """The file as a host that adds or lacks unconnected output slots of core nodes loads it."""
+    nodes = [{**n, "outputs": [o for o in n.get("outputs", []) if o.get("links")]} for n in ui["nodes"]]
+    return {**ui, "nodes": nodes}
+
+
+def test_the_files_are_what_tools_make_workflows_writes(comfy_host):
+    """Both formats come from one description; a hand edit or a node change not regenerated shows up here. The files
+    are written on make_workflows.REFERENCE_HOST: there they match exactly; on another host every difference must be
+    an unconnected output slot of a node (0.28's Save / Preview Image gained one), which the frontend reconciles on
+    load (that each file loads on this host is test_workflow_file_is_valid_against_the_running_server)."""
+    from comfyui_version import __version__ as host_version
+
     maker = _maker()
     graphs = maker.all_workflows(maker.node_specs())
     assert set(graphs) == {p.stem for p in UI_FILES}
+    pinned = host_version == maker.REFERENCE_HOST
     for name, graph in graphs.items():
-        assert json.loads((WORKFLOWS / f"{name}.json").read_text()) == graph.ui(), name
+        saved, made = json.loads((WORKFLOWS / f"{name}.json").read_text()), graph.ui()
+        if pinned:
+            assert saved == made, name
+        else:
+            assert _without_unlinked_outputs(saved) == _without_unlinked_outputs(made), (name, host_version)
         assert json.loads((API_DIR / f"{name}.json").read_text()) == graph.api(), name
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_workflow_file_is_valid_against_the_running_server(path, object_info):
     ui = json.loads(path.read_text())

@@ -7,7 +7,10 @@ order a newcomer should try them.
     ~/.cache/sefi-ide/venv/bin/python tools/make_workflows.py
 
 Widget order, control widgets (seed) and defaults come from the live node definitions (ComfyUI's and
-this pack's INPUT_TYPES), so the files match what the installed frontend expects.
+this pack's INPUT_TYPES), so the files match what the installed frontend expects. The files are written on the
+REFERENCE_HOST below (`.ci/setup_env.sh` builds it: `~/.cache/sefi-ide/venv`); newer hosts' core nodes may have
+gained output slots (0.28: Save / Preview Image pass their images on), which the frontend adds on load, and the
+tests check that each file loads on every host CI runs.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "example_workflows"
 sys.path.insert(0, str(ROOT / "tests"))
 
+REFERENCE_HOST = "0.3.75"  # the ComfyUI whose node definitions the files are written from
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}  # frontend nodes: no server class, not in the API format
 COL = 430  # column width on the canvas
