@@ -38,7 +38,7 @@ PROMPTS = ("a photo of <id> at the beach", "<id> holding a basketball, eyes clos
 PLACEHOLDER = "<id>"
 
 
-def load_models(family: str, embeddings: str):
+def load_models(family: str, embeddings: str) -> tuple:
     """(MODEL, CLIP, VAE) whose CLIP reads `embedding:NAME` from `embeddings`, as CheckpointLoaderSimple's does."""
     import comfy.sd
     import tiny_models
@@ -56,7 +56,7 @@ def load_models(family: str, embeddings: str):
         return model, clip, tiny_models._random_vae(2)
 
 
-def learned_identity(models, steps: int, seed: int):
+def learned_identity(models: tuple, steps: int, seed: int):
     import helpers
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.nodes.learn import TOKEN_OPTIONS, FaceAttentionLossTrainer
@@ -79,7 +79,7 @@ def encode(clip, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     return cond[0][0][0].float(), None if pooled is None else pooled[0].float()
 
 
-def ours(clip, text: str, identity):
+def ours(clip, text: str, identity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What 'Apply Per-Stage ID Tokens' builds: per-stage K and V contexts (S, T, D) and the pooled output."""
     from sefi_ide.host.conditioning import build_stage_contexts
 
@@ -136,7 +136,8 @@ def main() -> None:
                 learned = learned_identity(models, args.steps, seed)
                 print(f"{family}: learned {args.steps} steps (seed {seed}) in {time.monotonic() - started:.0f} s",
                       flush=True)
-                rows.append((family, f"learned, seed {seed}", measure(models[1], learned, Path(tmp), f"{family}{seed}")))
+                measured = measure(models[1], learned, Path(tmp), f"{family}{seed}")
+                rows.append((family, f"learned, seed {seed}", measured))
             vocab = helpers.random_identity(models[1], placeholder=PLACEHOLDER)
             rows.append((family, "vocabulary rows", measure(models[1], vocab, Path(tmp), f"{family}v")))
     candidates = list(rows[0][2])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..core.errors import SeFiError
+from ..core.identity import Identity
 from ..core.textual_inversion import EXPORTED, FOLDER, export_embedding
 from .common import CATEGORY, IDENTITY, SEARCH_WORDS
 
@@ -39,7 +40,7 @@ class ExportIDEmbeddingAsTextualInversion:
                                                                   "(the same contents are left as they are)."}),
         }}
 
-    def export(self, identity, name, overwrite):
+    def export(self, identity: Identity | None, name: str, overwrite: bool) -> dict:
         import folder_paths
 
         if identity is None:

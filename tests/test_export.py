@@ -26,7 +26,8 @@ def host_embeddings(comfy_host, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("embeddings")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(folder)], folder_paths.supported_pt_extensions))
+        patch.setitem(folder_paths.folder_names_and_paths, "embeddings",
+                      ([str(folder)], folder_paths.supported_pt_extensions))
         yield folder
 
 
@@ -207,7 +208,8 @@ def test_a_failed_write_keeps_the_old_embedding_and_leaves_no_partial_file(clips
     assert not [p.name for p in host_embeddings.iterdir() if p.name.startswith((".kept", ".fresh", "fresh"))]
 
 
-ISSUE_WORDS = {"identity", "face", "person", "textual inversion", "embedding", "personalization", "consistent character"}
+ISSUE_WORDS = {"identity", "face", "person", "textual inversion", "embedding", "personalization",
+               "consistent character"}
 
 
 def test_every_node_has_search_aliases_with_the_words_people_search_for():
