@@ -67,9 +67,12 @@ def test_the_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path):
     assert broken_links(tmp_path / "a.md") == ["#nothing: no heading with that anchor in a.md", "c.md: no such file"]
 
 
-def test_every_docs_page_is_linked_from_the_readme():
+USER_PAGES = ["nodes.md", "how-it-works.md", "batch.md", "speed.md", "file-format.md", "limits.md"]
+
+
+def test_the_readme_links_every_user_page():
     readme_targets = {(ROOT / t.partition("#")[0]).resolve() for t in links((ROOT / "README.md").read_text())}
-    assert [p.name for p in PAGES[2:] if p.resolve() not in readme_targets] == []
+    assert [name for name in USER_PAGES if (ROOT / "docs" / name).resolve() not in readme_targets] == []
 
 
 def test_the_readme_is_a_front_page():
