@@ -8,8 +8,8 @@ from .common import CATEGORY, IDENTITY, SEARCH_WORDS
 
 LOSS = ("An embedding is ONE token, used for K and V at every sampling step; the identity has one K and one V token "
         f"for each of its stages. The export writes the {EXPORTED}, the one token measured nearest to the per-stage "
-        "conditioning, so the person comes out less exactly than with 'Apply Per-Stage ID Tokens'. The identity file "
-        "itself is not changed.")
+        "conditioning: expect the person to come out less exactly than with 'Apply Per-Stage ID Tokens'. The identity "
+        "file itself is not changed.")
 
 
 class ExportIDEmbeddingAsTextualInversion:
