@@ -71,7 +71,7 @@ def _fill(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _sd1_state_shapes() -> dict[str, tuple]:
+def _sd1_state_shapes(unet_config: dict | None = None) -> dict[str, tuple]:
     import comfy.ops
     import comfy.sd1_clip
     from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -79,7 +79,7 @@ def _sd1_state_shapes() -> dict[str, tuple]:
 
     ops = comfy.ops.disable_weight_init
     shapes = {}
-    unet = UNetModel(**TINY_SD1_UNET, device="meta", operations=ops)
+    unet = UNetModel(**(unet_config or TINY_SD1_UNET), device="meta", operations=ops)
     shapes.update({f"model.diffusion_model.{k}": v for k, v in _shapes(unet).items()})
     clip = comfy.sd1_clip.SDClipModel(device="meta", dtype=torch.float32)
     shapes.update({f"cond_stage_model.{k}": v for k, v in _shapes(clip).items()
@@ -95,11 +95,11 @@ def cache_dir() -> Path:
     return root / "tiny-checkpoints"
 
 
-def build_tiny_sd1_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Write the tiny SD1 checkpoint to `path` (atomically) and return it."""
+def build_tiny_sd1_checkpoint(path: Path, seed: int = 0, unet_config: dict | None = None) -> Path:
+    """Write the tiny SD1 checkpoint (or, with `unet_config`, one with that UNet) to `path` atomically."""
     import safetensors.torch
 
-    tensors = _fill(_sd1_state_shapes(), seed)
+    tensors = _fill(_sd1_state_shapes(unet_config), seed)
     tmp = path.with_suffix(".tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     # single-key metadata keeps the bytes identical between builds
