@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run bench/run.py on a lent GPU machine (see bench/RESULTS.md). The host tree and the few wheels the
 # machine lacks travel in .host/ and .whl/ (both git-excluded; see the comment at the end).
-#   bash bench/device.sh "--family sd1" "--family sdxl --steps 10" "overhead --family sdxl"
-# (an argument starting with "overhead" runs bench/overhead.py, any other bench/run.py). BENCH_BUDGET_S (default
+#   bash bench/device.sh "--family sd1" "--family sdxl --steps 10" "overhead --family sdxl" "@0.28.0 dynamic --steps 20"
+# (an argument starting with "overhead" runs bench/overhead.py, "dynamic" bench/dynamic_vram.py, any other
+# bench/run.py; a leading "@VERSION" runs it on .host/comfyui-VERSION, else on ComfyUI 0.3.75). BENCH_BUDGET_S (default
 # 540) bounds the whole script: each run gets the seconds left, so a slow one cannot eat the lease's output.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -14,17 +15,22 @@ deadline=$((SECONDS + ${BENCH_BUDGET_S:-540}))
 for a in "$@"; do
   left=$((deadline - SECONDS))
   if [ "$left" -lt 30 ]; then echo "=== skipped (budget spent): $a" | tee -a "$OUT/log.txt"; continue; fi
+  host=comfyui  # "@0.28.0 ..." runs on .host/comfyui-0.28.0
+  case "$a" in
+    @*) host=comfyui-${a%% *}; host=${host/@/}; a=${a#* } ;;
+  esac
   case "$a" in
     overhead*) script=bench/overhead.py; a=${a#overhead} ;;
+    dynamic*) script=bench/dynamic_vram.py; a=${a#dynamic} ;;
     *) script=bench/run.py ;;
   esac
-  echo "=== $script $a"
+  echo "=== $host: $script $a"
   # shellcheck disable=SC2086
-  timeout "$left" python3 "$script" $a 2>&1 | tee -a "$OUT/log.txt"
+  COMFYUI_PATH=$PWD/.host/$host timeout "$left" python3 "$script" $a 2>&1 | tee -a "$OUT/log.txt"
   cp bench/RESULTS.md "$OUT/RESULTS.md"
 done
 cp bench/RESULTS.md "$OUT/RESULTS.md"
-# Preparing the two folders (on the workstation, once):
-#   cp -r "$SEFI_CACHE/comfyui" .host/comfyui
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d .whl \
-#     kornia==0.9.0 kornia_rs==0.2.0 torchsde==0.2.6 trampoline==0.1.2
+# Preparing the two folders (on the workstation, once the test environment is built): bash bench/prepare_device.sh
+# (ComfyUI 0.3.75 and 0.28.0, pruned, and the wheels; it prints the size against the device tool's 64 MiB). Then e.g.
+#   bash bench/device.sh "--family sd1 --steps 8 --identities 1,4,8" "@0.28.0 --family sd1 --steps 8 --identities 1,4,8" \
+#     "@0.28.0 dynamic --steps 20"
