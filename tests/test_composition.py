@@ -188,9 +188,13 @@ def test_identity_composes_with_lora_controlnet_and_a_foreign_attn2_patch(sd1):
     swapped = [not torch.equal(ctx[chunk * len(sig)], p1[0][0][0])
                for sig, cou, ctx, _ in seen for chunk, kind in enumerate(cou) if kind == 0]
     assert swapped and any(swapped)  # per-stage contexts replaced the nominal one alongside the ControlNet
-    # the host patches LoRA weights in place while a clone is loaded; loading the base model restores them
-    comfy.model_management.load_models_gpu([model])
+    # the host patches LoRA weights in place while a clone is loaded; loading the base model restores them. In
+    # inference mode, as ComfyUI runs every node: outside it, 0.28's restore clones the weights into ordinary tensors
+    # (comfy.utils.set_attr_param), which every later test sharing this model would see
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([model])
     assert torch.equal(model.model.state_dict()[target], before)
+    assert all(p.is_inference() for p in model.model.parameters())
 
 
 def test_learning_on_a_lora_model_trains_through_the_patched_weights_and_restores_the_base(sd1, caplog):
@@ -219,7 +223,8 @@ def test_learning_on_a_lora_model_trains_through_the_patched_weights_and_restore
             learned[name] = train_identity(ComfyTrainingBackend(m, clip, vae, settings), reference, settings)
     assert "holds inference tensors" not in caplog.text  # the swap reached every weight, patched or not
     assert not torch.equal(learned["lora"].identity.k["clip_l"], learned["base"].identity.k["clip_l"])
-    comfy.model_management.load_models_gpu([model])
+    with torch.inference_mode():  # as ComfyUI loads models (see the test above)
+        comfy.model_management.load_models_gpu([model])
     assert torch.equal(model.model.state_dict()[target], before)
     assert all(p.is_inference() for p in model.model.parameters())
 
