@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,16 +149,24 @@ def save_identity(identity: Identity, path: str | os.PathLike, overwrite: bool =
     }
     if include_generator and identity.generator_state:
         metadata["generator_version"] = str(identity.generator_version)
+    return write_safetensors_atomically(path, _tensors(identity, include_generator), metadata)
+
+
+def write_safetensors_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                                 verb: str = "save", before_replace: Callable[[Path], bool] | None = None) -> Path:
+    """A temporary file in the same folder, then a rename: never half a file. `before_replace(tmp)` may refuse (raise
+    SeFiError) or return False to keep the file already there; the temporary file is always removed."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:20]}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        _write_safetensors(tmp, _tensors(identity, include_generator), metadata)
+        _write_safetensors(tmp, tensors, metadata)
         os.chmod(tmp, 0o666 & ~_umask())  # as open() creates the host's own files (mkstemp gives 0600)
-        os.replace(tmp, path)
+        if before_replace is None or before_replace(Path(tmp)):
+            os.replace(tmp, path)
     except OSError as exc:  # the message names the file, never the server's folders
-        raise SeFiError(f"Could not save '{path.name}': {exc.strerror or exc}. Check the disk and the name.") from None
+        raise SeFiError(f"Could not {verb} '{path.name}': {exc.strerror or exc}. Check the disk and the name.") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .errors import SeFiError
-from .identity import PACK_VERSION, Identity, _umask, _write_safetensors, load_identity, validate_identity
+from .identity import PACK_VERSION, Identity, load_identity, validate_identity, write_safetensors_atomically
 
 Table = torch.Tensor  # (stages, width): one encoder's k or v tokens
 
@@ -134,25 +133,17 @@ def export_embedding(identity: Identity, folder: str | os.PathLike, name: str = 
     stem = embedding_name(name, identity.placeholder)
     folder = Path(folder)
     path = folder / f"{stem}.safetensors"
-    tmp = None
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem[:20]}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        _write_safetensors(tmp, embedding_tensors(identity, vector), _metadata(identity, vector))
-        os.chmod(tmp, 0o666 & ~_umask())
-        if path.exists() and not overwrite:
-            if Path(tmp).read_bytes() == path.read_bytes():
-                return path  # already exported: nothing to change
-            raise SeFiError(f"The embedding '{path.name}' already exists (another file). Choose another name or "
-                            f"enable overwrite.")
-        os.replace(tmp, path)
-    except OSError as exc:  # the message names the file, never the server's folders
-        raise SeFiError(f"Could not write '{path.name}': {exc.strerror or exc}. Check the disk and the name.") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+
+    def keep_or_refuse(tmp: Path) -> bool:
+        if not path.exists() or overwrite:
+            return True
+        if tmp.read_bytes() == path.read_bytes():
+            return False  # already exported: nothing to change
+        raise SeFiError(f"The embedding '{path.name}' already exists (another file). Choose another name or enable "
+                        f"overwrite.")
+
+    return write_safetensors_atomically(path, embedding_tensors(identity, vector), _metadata(identity, vector),
+                                        verb="write", before_replace=keep_or_refuse)
 
 
 def export_identity_files(files: list[Path], folder: str | os.PathLike,

@@ -186,12 +186,12 @@ def test_no_identity_or_per_use_options_are_refused(clips, host_embeddings):
 
 
 def test_a_failed_write_keeps_the_old_embedding_and_leaves_no_partial_file(clips, host_embeddings, monkeypatch):
-    from sefi_ide.core import textual_inversion
+    from sefi_ide.core import identity as identity_module
 
     _export(random_identity(clips["sd1"], seed=7), "kept")
     path = host_embeddings / "kept.safetensors"
     original = path.read_bytes()
-    real_write = textual_inversion._write_safetensors
+    real_write = identity_module._write_safetensors  # the one atomic writer of identities and embeddings
 
     def write_half_then_fail(target, tensors, metadata):
         real_write(target, tensors, metadata)
@@ -199,7 +199,7 @@ def test_a_failed_write_keeps_the_old_embedding_and_leaves_no_partial_file(clips
             f.truncate(40)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(textual_inversion, "_write_safetensors", write_half_then_fail)
+    monkeypatch.setattr(identity_module, "_write_safetensors", write_half_then_fail)
     with pytest.raises(SeFiError, match="Could not write 'kept.safetensors': No space left"):
         _export(random_identity(clips["sd1"], seed=8), "kept", overwrite=True)
     with pytest.raises(SeFiError, match="Could not write 'fresh.safetensors'"):

@@ -122,16 +122,16 @@ def test_bad_input_gives_a_clear_error_and_the_server_keeps_serving(server, imag
     assert run_prompt(server, checkpoint_nodes())["status"]["status_str"] == "success"
 
 
-def _progress_until_done(server, graph: dict, node: str, timeout: float = 300) -> tuple[list[int], str]:
-    """Run `graph`; the progress values `node` reported over the websocket, and the status of the run."""
+def _watch_prompt(server, graph: dict, until, timeout: float = 300) -> tuple[str, object]:
+    """Queue `graph` and hand its websocket messages (type, data) to `until` until it returns something other than
+    None: the prompt id and that value."""
     import asyncio
 
     import aiohttp
 
     client_id = str(uuid.uuid4())
 
-    async def run() -> tuple[list[int], str]:
-        values = []
+    async def run() -> tuple[str, object]:
         async with aiohttp.ClientSession() as session, \
                 session.ws_connect(f"{server['url']}/ws?clientId={client_id}") as ws:
             async with session.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
@@ -140,41 +140,33 @@ def _progress_until_done(server, graph: dict, node: str, timeout: float = 300) -
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     continue
                 data = json.loads(msg.data)
-                kind, body = data.get("type"), data.get("data", {})
-                if body.get("prompt_id") != prompt_id:
-                    continue
-                if kind == "progress" and body.get("node") == node:
-                    values.append(body["value"])
-                elif kind in ("execution_success", "execution_error", "execution_interrupted"):
-                    return values, kind
+                body = data.get("data") or {}
+                if body.get("prompt_id") == prompt_id:
+                    result = until(data.get("type"), body)
+                    if result is not None:
+                        return prompt_id, result
         raise RuntimeError("websocket closed before the run ended")
 
     return asyncio.run(asyncio.wait_for(run(), timeout))
 
 
-def _queue_and_wait_for_progress(server, graph: dict, min_step: int, timeout: float = 300) -> str:
+def _progress_until_done(server, graph: dict, node: str) -> tuple[list[int], str]:
+    """Run `graph`; the progress values `node` reported over the websocket, and how the run ended."""
+    values = []
+
+    def until(kind, body):
+        if kind == "progress" and body.get("node") == node:
+            values.append(body["value"])
+        elif kind in ("execution_success", "execution_error", "execution_interrupted"):
+            return kind
+        return None
+
+    return values, _watch_prompt(server, graph, until)[1]
+
+
+def _queue_and_wait_for_progress(server, graph: dict, min_step: int) -> str:
     """Queue `graph` and return its prompt id once the UI progress bar (websocket) reached `min_step`."""
-    import asyncio
-
-    import aiohttp
-
-    client_id = str(uuid.uuid4())
-
-    async def run() -> str:
-        async with aiohttp.ClientSession() as session, \
-                session.ws_connect(f"{server['url']}/ws?clientId={client_id}") as ws:
-            async with session.post(f"{server['url']}/prompt", json={"prompt": graph, "client_id": client_id}) as r:
-                prompt_id = (await r.json())["prompt_id"]
-            async for msg in ws:
-                if msg.type != aiohttp.WSMsgType.TEXT:
-                    continue
-                data = json.loads(msg.data)
-                if (data.get("type") == "progress" and data["data"].get("prompt_id") == prompt_id
-                        and data["data"]["value"] >= min_step):
-                    return prompt_id
-        raise RuntimeError("websocket closed before the progress was reached")
-
-    return asyncio.run(asyncio.wait_for(run(), timeout))
+    return _watch_prompt(server, graph, lambda kind, body: kind == "progress" and body["value"] >= min_step or None)[0]
 
 
 def _advanced_learn_graph(server, image_name: str, steps: int, seed: int) -> dict:
