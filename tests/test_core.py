@@ -423,6 +423,16 @@ class _HalfPrecisionToyBackend(_ToyBackend):
         return pred, []
 
 
+class _Float32TwinToyBackend(_HalfPrecisionToyBackend):
+    """The same toy model in float32: nothing underflows, nothing is scaled; what the fp16 run must reproduce."""
+
+    compute_dtype = torch.float32
+
+    def predict_noise(self, z0, eps, t, context_k, context_v, capture, pooled=None, chunks=1):
+        self.calls += 1
+        return (context_k.mean() + context_v.mean()) * torch.ones_like(eps) * 1e-6 + eps * 0.5, []
+
+
 def test_fp16_backward_is_loss_scaled_unscaled_exactly_and_an_overflow_skips_the_step():
     from sefi_ide.core.loss_scale import INITIAL_SCALE
     from sefi_ide.core.settings import TrainSettings
@@ -435,6 +445,13 @@ def test_fp16_backward_is_loss_scaled_unscaled_exactly_and_an_overflow_skips_the
     scaled = train_identity(_HalfPrecisionToyBackend(), image, settings)
     assert [r["loss_scale"] for r in scaled.history] == [INITIAL_SCALE] * 4
     assert not torch.equal(scaled.identity.k["clip_l"], base.expand(5, -1))  # a gradient came through the fp16 op
+    # ... and was unscaled before Adam: the tokens land where the float32 twin's do (an update from gradients still
+    # multiplied by the scale goes far further: Adam's epsilon makes it scale-dependent); fp16 rounding only
+    twin = train_identity(_Float32TwinToyBackend(), image, settings).identity
+    for table in ("k", "v"):
+        got, want = getattr(scaled.identity, table)["clip_l"], getattr(twin, table)["clip_l"]
+        moved = (want - base).norm()
+        assert moved > 0 and (got - want).norm() / moved < 0.05, (table, float((got - want).norm() / moved))
 
     unscaled_backend = _HalfPrecisionToyBackend()
     unscaled_backend.compute_dtype = torch.float32  # same fp16 op, no scaling: its gradient underflows to zero
