@@ -129,6 +129,29 @@ class PerStageKVPatch:
         return k_blocks.reshape(rows, tokens, dim), v_blocks.reshape(rows, tokens, dim), match
 
 
+class PerStagePooled:
+    """SDXL's pooled text embedding, per stage: an APPLY_MODEL wrapper that gives every `y` row carrying the nominal
+    pooled output (the middle stage's, which the CONDITIONING holds) the pooled output of the row's own stage, as the
+    training step does (each stage's K row goes through OpenCLIP-G). Rows are found by value, like the contexts:
+    the negative prompt and other conditioning keep theirs."""
+
+    def __init__(self, nominal: torch.Tensor, stage_pooled: torch.Tensor, stages_for):
+        self.nominal = nominal  # (P,)
+        self.stage_pooled = stage_pooled  # (S, P)
+        self.stages_for = stages_for  # sigmas -> stage per sigma (PerStageKVPatch.stages_for)
+
+    def __call__(self, executor, x, t, *args, **kwargs):
+        y = kwargs.get("y")
+        if y is not None and y.ndim == 2 and y.shape[1] > self.nominal.shape[0]:
+            width = self.nominal.shape[0]
+            nominal, table = self.nominal.to(y), self.stage_pooled.to(y)
+            match = (y[:, :width] == nominal).all(-1, keepdim=True)  # no .any(): it would wait for the GPU
+            stage = self.stages_for(t.flatten()).to(y.device)
+            pooled = table[stage[torch.arange(y.shape[0], device=y.device) % stage.numel()]]
+            kwargs["y"] = torch.cat([torch.where(match, pooled, y[:, :width]), y[:, width:]], dim=1)
+        return executor(x, t, *args, **kwargs)
+
+
 class FixedKVPatch:
     """Training: K from `context_k`, V from `context_v` at every cross-attention layer."""
 

@@ -84,7 +84,7 @@ def ours(clip, text: str, identity) -> tuple[torch.Tensor, torch.Tensor, torch.T
     from sefi_ide.host.conditioning import build_stage_contexts
 
     with torch.inference_mode():
-        ck, cv, _, pooled, _ = build_stage_contexts(clip, text, [identity])
+        ck, cv, _, pooled, *_ = build_stage_contexts(clip, text, [identity])
     return ck.float(), cv.float(), None if pooled is None else pooled[0].float()
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention_patch.per_stage_kv import PerStageKVPatch
+from ..attention_patch.per_stage_kv import PerStageKVPatch, PerStagePooled
 from ..attention_patch.regions import RegionAttention, RegionBias
 from ..core.errors import SeFiError
 from ..core.identity import Identity
@@ -24,10 +24,12 @@ def _scaled_tokens(clip, ident: Identity) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def build_stage_contexts(clip, text: str, identities: list[Identity]):
-    """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt).
+    """Returns (contexts_k (S,T,D), contexts_v (S,T,D), nominal (T,D), pooled, marked prompt, stage_pooled).
 
     The nominal context (what the CONDITIONING carries, and what a model without our patch would see) and the
-    pooled output both come from the K path of the middle stage. All distinct variants are encoded in one batch.
+    pooled output both come from the K path of the middle stage. `stage_pooled` (S, D): each stage's K-path pooled
+    output, as training gives the UNet at that stage (SDXL; None for SD1, whose UNet takes no pooled output). All
+    distinct variants are encoded in one batch.
     """
     if not identities:
         raise SeFiError("Connect at least one identity.")
@@ -59,12 +61,21 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
             distinct.append(i)
             same = len(distinct) - 1
         source.append(same)
+    every_pooled = hasattr(clip.cond_stage_model, "clip_g")  # SDXL: its UNet takes the pooled output
     with torch.no_grad():
-        encoded, pooled = encode_variants(clip, [variants[i] for i in distinct])
+        encoded, pooled_rows = encode_variants(clip, [variants[i] for i in distinct], every_pooled=every_pooled)
         encoded = encoded[torch.tensor(source)]
+        pooled = pooled_rows[:1]  # the first variant's: the nominal (middle stage K) pooled output
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
-    return contexts[:S], contexts[S:], contexts[mid], pooled, marked
+    stage_pooled = None
+    if every_pooled:
+        by_variant = pooled_rows[torch.tensor(source)]  # per entry of `order`
+        stage_pooled = torch.empty(S, by_variant.shape[-1], dtype=by_variant.dtype)
+        stage_pooled[torch.tensor(order[:S])] = by_variant[:S].cpu()  # the K variants are order's first S
+        stage_pooled = stage_pooled.to(pooled)
+        stage_pooled[mid] = pooled[0]  # the nominal exactly as the CONDITIONING carries it
+    return contexts[:S], contexts[S:], contexts[mid], pooled, marked, stage_pooled
 
 
 def check_region_support() -> None:
@@ -82,7 +93,7 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     family = detect_family(clip, model)
     for ident in identities:
         ident.check_family(family)
-    contexts_k, contexts_v, nominal, pooled, marked = build_stage_contexts(clip, text, identities)
+    contexts_k, contexts_v, nominal, pooled, marked, stage_pooled = build_stage_contexts(clip, text, identities)
     patched = model.clone()
     regions = region_attention = None
     if any(ident.region is not None for ident in identities):
@@ -96,6 +107,11 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     kv_patch = PerStageKVPatch(nominal, contexts_k, contexts_v, model.get_model_object("model_sampling"), regions,
                                region_attention)
     patched.set_model_attn2_patch(kv_patch)
+    if stage_pooled is not None:  # SDXL: each stage's pooled output in `y`, as in training
+        import comfy.patcher_extension
+
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "sefi_ide.stage_pooled",
+                                     PerStagePooled(pooled[0], stage_pooled, kv_patch.stages_for))
     if region_attention is not None:
         import comfy.patcher_extension
 

@@ -483,3 +483,46 @@ def test_another_packs_replacement_at_a_loss_layer_is_logged_whatever_its_key(sd
         if logged:
             assert loss_layer.name in caplog.text
         assert "SDXL conditioning" not in caplog.text
+
+
+def test_sdxl_sampling_gives_each_stage_the_pooled_output_training_gives_it(sdxl):
+    """Training feeds SDXL's `y` the pooled output of the current stage's K row; sampling does the same: at every
+    step the identity's rows carry the pooled output of the prompt with that step's stage tokens, the negative
+    prompt's rows keep their own."""
+    from helpers import expected_stage
+    from sefi_ide.host.conditioning import apply_identities
+    from sefi_ide.host.text import encode_variants, inject, mark_prompt
+
+    model, clip, _ = sdxl
+    ident = random_identity(clip, placeholder="<alice>")
+    text = "a photo of <alice> at the beach"
+    with torch.inference_mode():
+        patched, positive = apply_identities(model, clip, text, [ident])
+        marked = mark_prompt(clip, text, ["<alice>"])
+        expected = [encode_variants(clip, [inject(marked, {"<alice>": {e: ident.k[e][s] for e in ident.k}})])[1][0]
+                    for s in range(ident.num_stages)]
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize("blurry, low quality"))
+    seen = []
+
+    def probe(module, args, kwargs):
+        options = kwargs["transformer_options"]
+        seen.append((kwargs["y"].float().clone(), options["sigmas"].clone(), list(options["cond_or_uncond"])))
+
+    handle = model.model.diffusion_model.register_forward_pre_hook(probe, with_kwargs=True)
+    try:
+        sample(patched, clip, positive, steps=8, negative=negative)
+    finally:
+        handle.remove()
+    width = expected[0].shape[-1]
+    negative_pooled = negative[0][1]["pooled_output"][0].float()
+    stages_seen = set()
+    for y, sigmas, cond_or_uncond in seen:
+        stage = expected_stage(model, sigmas[:1], ident.num_stages)[0]
+        rows = y.shape[0] // len(cond_or_uncond)
+        for chunk, kind in enumerate(cond_or_uncond):
+            for row in y[chunk * rows:(chunk + 1) * rows, :width]:
+                want = expected[stage].float() if kind == 0 else negative_pooled
+                torch.testing.assert_close(row, want, **CLOSE)
+        stages_seen.add(stage)
+    assert len(stages_seen) >= 3  # the steps crossed stages, whose pooled outputs differ
+    assert not torch.allclose(expected[0].float(), expected[-1].float(), **CLOSE)
