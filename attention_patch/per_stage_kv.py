@@ -53,6 +53,11 @@ class PerStageKVPatch:
         timesteps = self.model_sampling.timestep(sigmas.to(self.model_sampling.sigmas.device))
         return stage_of_timestep(timesteps, self.num_stages)  # stays on the device: no sync per step
 
+    def stage_per_row(self, sigmas: torch.Tensor, rows: int, device: torch.device) -> torch.Tensor:
+        """The stage of each of `rows` batch rows (the sigmas repeat per conditioning chunk)."""
+        stage = self.stages_for(sigmas.flatten()).to(device)
+        return stage[torch.arange(rows, device=device) % stage.numel()]
+
     def __call__(self, n, context_attn2, value_attn2, extra_options):
         sigmas = extra_options.get("sigmas")
         if sigmas is None or context_attn2 is None:
@@ -121,8 +126,7 @@ class PerStageKVPatch:
         blocks = context.view(rows, tokens // length, length, dim)
         # no `if match.any()` shortcut: asking waits for the GPU at every step (such syncs cost +12 % sampling time)
         match = (blocks == nominal).flatten(2).all(-1)  # (rows, blocks)
-        stage = self.stages_for(sigmas.flatten()).to(context.device)
-        stage_per_row = stage[torch.arange(rows, device=context.device) % stage.numel()]
+        stage_per_row = self.stage_per_row(sigmas, rows, context.device)
         sel = match[..., None, None]
         k_blocks = torch.where(sel, ck[stage_per_row][:, None], blocks)
         v_blocks = torch.where(sel, cv[stage_per_row][:, None], value.view(rows, tokens // length, length, dim))
@@ -135,10 +139,10 @@ class PerStagePooled:
     training step does (each stage's K row goes through OpenCLIP-G). Rows are found by value, like the contexts:
     the negative prompt and other conditioning keep theirs."""
 
-    def __init__(self, nominal: torch.Tensor, stage_pooled: torch.Tensor, stages_for):
+    def __init__(self, nominal: torch.Tensor, stage_pooled: torch.Tensor, stage_per_row):
         self.nominal = nominal  # (P,)
         self.stage_pooled = stage_pooled  # (S, P)
-        self.stages_for = stages_for  # sigmas -> stage per sigma (PerStageKVPatch.stages_for)
+        self.stage_per_row = stage_per_row  # (sigmas, rows, device) -> stage per row (PerStageKVPatch's)
 
     def __call__(self, executor, x, t, *args, **kwargs):
         y = kwargs.get("y")
@@ -146,8 +150,7 @@ class PerStagePooled:
             width = self.nominal.shape[0]
             nominal, table = self.nominal.to(y), self.stage_pooled.to(y)
             match = (y[:, :width] == nominal).all(-1, keepdim=True)  # no .any(): it would wait for the GPU
-            stage = self.stages_for(t.flatten()).to(y.device)
-            pooled = table[stage[torch.arange(y.shape[0], device=y.device) % stage.numel()]]
+            pooled = table[self.stage_per_row(t, y.shape[0], y.device)]
             kwargs["y"] = torch.cat([torch.where(match, pooled, y[:, :width]), y[:, width:]], dim=1)
         return executor(x, t, *args, **kwargs)
 

@@ -69,12 +69,9 @@ def build_stage_contexts(clip, text: str, identities: list[Identity]):
     contexts = torch.empty_like(encoded)
     contexts[torch.tensor(order)] = encoded
     stage_pooled = None
-    if every_pooled:
-        by_variant = pooled_rows[torch.tensor(source)]  # per entry of `order`
-        stage_pooled = torch.empty(S, by_variant.shape[-1], dtype=by_variant.dtype)
-        stage_pooled[torch.tensor(order[:S])] = by_variant[:S].cpu()  # the K variants are order's first S
-        stage_pooled = stage_pooled.to(pooled)
-        stage_pooled[mid] = pooled[0]  # the nominal exactly as the CONDITIONING carries it
+    if every_pooled:  # the K variants are order's first S (the nominal first: exactly the CONDITIONING's)
+        stage_pooled = torch.empty_like(pooled_rows[:1]).expand(S, -1).clone()
+        stage_pooled[torch.tensor(order[:S])] = pooled_rows[torch.tensor(source[:S])]
     return contexts[:S], contexts[S:], contexts[mid], pooled, marked, stage_pooled
 
 
@@ -107,15 +104,12 @@ def apply_identities(model, clip, text: str, identities: list[Identity]):
     kv_patch = PerStageKVPatch(nominal, contexts_k, contexts_v, model.get_model_object("model_sampling"), regions,
                                region_attention)
     patched.set_model_attn2_patch(kv_patch)
+    from comfy.patcher_extension import WrappersMP
+
     if stage_pooled is not None:  # SDXL: each stage's pooled output in `y`, as in training
-        import comfy.patcher_extension
-
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "sefi_ide.stage_pooled",
-                                     PerStagePooled(pooled[0], stage_pooled, kv_patch.stages_for))
+        patched.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "sefi_ide.stage_pooled",
+                                     PerStagePooled(pooled[0], stage_pooled, kv_patch.stage_per_row))
     if region_attention is not None:
-        import comfy.patcher_extension
-
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sefi_ide.region_masks",
-                                     kv_patch.report_unapplied_masks)
+        patched.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "sefi_ide.region_masks", kv_patch.report_unapplied_masks)
     conditioning = [[nominal.unsqueeze(0).clone(), {"pooled_output": pooled}]]
     return patched, conditioning

@@ -70,11 +70,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def comfy_server(host: Path, base: Path, checkpoints: dict[str, Path], device_args: tuple[str, ...] = ("--cpu",)
-                 ) -> Iterator[dict]:
-    """A real ComfyUI server (CPU unless `device_args` say otherwise) whose home is `base`: this pack linked into
-    custom_nodes, `checkpoints` (name -> file) linked into models/checkpoints. Yields url, base, log and pid; stops
-    the server on exit."""
+def comfy_server(host: Path, base: Path, checkpoints: dict[str, Path]) -> Iterator[dict]:
+    """A real ComfyUI server (CPU) whose home is `base`: this pack linked into custom_nodes, `checkpoints`
+    (name -> file) linked into models/checkpoints. Yields url, base, log and pid; stops the server on exit."""
     import requests
 
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
@@ -86,7 +84,7 @@ def comfy_server(host: Path, base: Path, checkpoints: dict[str, Path], device_ar
     log = open(base / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(
-        [sys.executable, "main.py", *device_args, "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
+        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
          "--database-url", "sqlite:///:memory:"],
         cwd=host, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
