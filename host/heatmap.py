@@ -19,6 +19,27 @@ def colorize(m: torch.Tensor) -> torch.Tensor:
     return torch.stack([r, g, b], dim=-1)
 
 
+def placeholder_attention(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: torch.Tensor, identity: Identity,
+                          size: int) -> torch.Tensor:
+    """(S, size, size): the placeholder token's attention probability at every pixel, averaged over heads and summed
+    over the backend's loss layers (each map resized to `size`), at the middle timestep of each stage."""
+    heats = []
+    with torch.no_grad():
+        for s in range(identity.num_stages):
+            lo, hi = stage_timestep_range(s, identity.num_stages)
+            t = torch.tensor([(lo + hi) // 2])
+            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
+            ctx, pooled = backend.target_contexts(rows)
+            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
+            heat = torch.zeros(size, size)
+            for m in maps:
+                col = m[..., backend.placeholder_index].float().mean(0)  # mean over heads
+                side = int(col.numel() ** 0.5)
+                heat += F.interpolate(col.reshape(1, 1, side, side).cpu(), size=(size, size), mode="bilinear")[0, 0]
+            heats.append(heat)
+    return torch.stack(heats)
+
+
 def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Identity, seed: int = 0,
                       overlay: float = 0.5) -> tuple[torch.Tensor, str]:
     """IMAGE (S,R,R,3): the placeholder token's attention, averaged over heads and the loss layers,
@@ -29,23 +50,13 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
                              reference_prompt=trained.get("reference_prompt", TrainSettings.reference_prompt),
                              layers=trained.get("layers", "auto"), num_stages=identity.num_stages)
     backend = ComfyTrainingBackend(model, clip, vae, settings)
-    R = reference.shape[-1]
     with torch.no_grad():
         z0 = backend.latents(reference)
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
-        frames = []
-        for s in range(identity.num_stages):
-            lo, hi = stage_timestep_range(s, identity.num_stages)
-            t = torch.tensor([(lo + hi) // 2])
-            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
-            ctx, pooled = backend.target_contexts(rows)
-            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
-            heat = torch.zeros(R, R)
-            for m in maps:
-                col = m[..., backend.placeholder_index].float().mean(0)  # mean over heads
-                side = int(col.numel() ** 0.5)
-                heat += F.interpolate(col.reshape(1, 1, side, side).cpu(), size=(R, R), mode="bilinear")[0, 0]
-            heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
-            image = reference[0].permute(1, 2, 0).cpu()
-            frames.append((1 - overlay) * image + overlay * colorize(heat))
+        heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
+    image = reference[0].permute(1, 2, 0).cpu()
+    frames = []
+    for heat in heats:
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        frames.append((1 - overlay) * image + overlay * colorize(heat))
     return torch.stack(frames).clamp(0, 1), norm_report(identity, word_embedding(clip, identity.init_word))
