@@ -26,15 +26,15 @@ and prompts) and over identities (each identity's mean over prompts and seeds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import importlib
 import json
 import math
 import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import harness
+import toy_models as toy
 
-from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
-from tools.toy_world.reader import Reader, agreement
+from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, identity_values
+from tools.toy_world.reader import Reader
 from tools.toy_world.render import render
-from tools.toy_world.world import caption, held_out_identities, sample_scene
+from tools.toy_world.world import held_out_identities, trained_identities
 
-PHOTO_SEED = 2024  # the photos' contexts and jitter; the identities are split.json's held-out list, in order
-PROMPT_SEED = 7
-SUBJECT = "a photo of the face of {}"
-PLACEHOLDER = "<id>"
+TUNING_SEED = 5
 
 # name -> TrainSettings changes (None: nothing is learned)
 METHODS: dict[str, dict | None] = {
@@ -64,7 +62,10 @@ METHODS: dict[str, dict | None] = {
     "plain_ti": {"num_stages": 1, "kv_split": False, "attn_lambda": 0.0},
     "init_word": None,
     "words": None,
+    # design alternatives (issue 24 item 5), not in the default run
+    "offsets_only": {},  # the generator's shared layers removed: every token = e + its free offset
 }
+DEFAULT_METHODS = ["full", "lambda0", "stages1", "no_kv_split", "plain_ti", "init_word", "words"]
 DESCRIPTIONS = {
     "full": "full method (5 stages, K/V split, λ {lam})",
     "lambda0": "λ = 0 (no attention loss)",
@@ -73,143 +74,161 @@ DESCRIPTIONS = {
     "plain_ti": "plain textual inversion (1 stage, no split, λ 0)",
     "init_word": "init word alone (floor: \"person\")",
     "words": "identity in words (ceiling)",
+    "offsets_only": "generator without its shared layers (free offsets only)",
 }
 
 
-@dataclass
-class Toy:
-    model: object
-    clip: object
-    vae: object
-    reader: Reader
-    pack: dict  # the pack's modules used here
+@contextlib.contextmanager
+def offsets_only():
+    """TokenGenerator without its shared self-attention / feed-forward / output layers: token_i = e + o_i (what the
+    generator's 7.1 M shared weights add is what this loses). A measurement, not an option of the pack."""
+    from sefi_ide.core.generator import TokenGenerator
+
+    forward = TokenGenerator.forward
+
+    def offsets(self):
+        tokens = self.base + self.slot_offsets
+        return tokens[: self.num_stages], tokens[self.num_stages:]
+
+    TokenGenerator.forward = offsets
+    try:
+        yield
+    finally:
+        TokenGenerator.forward = forward
 
 
-def load(threads: int | None) -> Toy:
+def load(threads: int | None):
+    """(MODEL, CLIP, VAE) of the toy checkpoint (tests/toy_models.py) and the reader."""
     if threads:
         torch.set_num_threads(threads)
     harness.import_comfy_in_process()
-    harness.load_pack_entry_point()
+    harness.register_pack_namespace()
     import comfy.utils
-    import toy_models
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's per-picture bars would drown the log
-    model, clip, vae = toy_models.load_toy()
-    pack = {name: importlib.import_module(f"sefi_ide_entry.{name}") for name in
-            ("nodes.learn", "core.settings", "core.identity", "host.conditioning", "host.heatmap", "host.backend",
-             "host.text", "host.grad_scope")}
-    return Toy(model, clip, vae, Reader(), pack)
+    return (*toy.load_toy(), Reader())
 
 
-def photo_scene(identity: tuple[str, ...]):
-    """The one picture of `identity`: a random context and jitter, fixed by the identity and PHOTO_SEED."""
-    key = [PHOTO_SEED] + [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
-    return sample_scene(np.random.default_rng(key), identity=identity)
-
-
-def prompt_contexts(photo_context: dict[str, str], count: int, identity_index: int) -> list[dict[str, str]]:
-    """`count` contexts that differ from the photo's in every context attribute (fixed by PROMPT_SEED)."""
-    rng = np.random.default_rng([PROMPT_SEED, identity_index])
-    out = []
-    for _ in range(count):
-        out.append({a: str(rng.choice([v for v in vals if v != photo_context[a]]))
-                    for a, vals in CONTEXT_ATTRIBUTES.items()})
-    return out
-
-
-def image_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(array).float().div(255)[None]  # ComfyUI IMAGE (1, H, W, 3)
-
-
-def init_word_identity(toy: Toy, num_stages: int = 5):
-    """An identity whose every token is the init word's embedding: the prompt then reads exactly '... of person'."""
-    e = toy.pack["host.text"].word_embedding(toy.clip, "person")["clip_l"].float().reshape(1, -1)
-    Identity = toy.pack["core.identity"].Identity
-    return Identity(family="sd1", placeholder=PLACEHOLDER, init_word="person", k={"clip_l": e.repeat(num_stages, 1)},
-                    v={"clip_l": e.repeat(num_stages, 1)})
-
-
-def generate(toy: Toy, text: str, identity, seed: int, count: int, steps: int, cfg: float) -> torch.Tensor:
-    """`count` pictures (count, 128, 128, 3) of `text` by ComfyUI's KSampler (ddim, ddim_uniform), with `identity`
-    applied through Apply Per-Stage ID Tokens' code, or (identity None) the plain prompt through CLIP Text Encode."""
-    import nodes as comfy_nodes
-
-    with torch.inference_mode():
-        if identity is None:
-            model, positive = toy.model, comfy_nodes.CLIPTextEncode().encode(toy.clip, text)[0]
-        else:
-            model, positive = toy.pack["host.conditioning"].apply_identities(toy.model, toy.clip, text, [identity])
-        negative = comfy_nodes.CLIPTextEncode().encode(toy.clip, "")[0]
-        latent = {"samples": torch.zeros(count, 4, 16, 16)}
-        out = comfy_nodes.common_ksampler(model, seed, steps, cfg, "ddim", "ddim_uniform", positive, negative,
-                                          latent)[0]["samples"]
-        return toy.vae.decode(out)
-
-
-def attention_on_subject(toy: Toy, photo: torch.Tensor, mask: np.ndarray, identity, settings) -> float:
-    """Share of the placeholder's attention mass (loss layers, each stage's middle timestep, over the photo) that
-    falls inside the subject's mask; mean over stages."""
-    ComfyTrainingBackend = toy.pack["host.backend"].ComfyTrainingBackend
-    with toy.pack["host.grad_scope"].training_scope():
-        backend = ComfyTrainingBackend(toy.model, toy.clip, toy.vae, replace(settings, num_stages=identity.num_stages))
-        reference = photo.permute(0, 3, 1, 2)
-        with torch.no_grad():
-            z0 = backend.latents(reference)
-            eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
-            heats = toy.pack["host.heatmap"].placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
-    inside = torch.from_numpy(mask.astype(np.float32))
-    return float(((heats * inside).sum((1, 2)) / heats.sum((1, 2))).mean())
-
-
-def run(args: argparse.Namespace, toy: Toy, log=print) -> list[dict]:
+def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -> list[dict]:
     """Every (identity, method, prompt, seed) picture's scores, as dicts (each identity's also appended to --out as
     JSON lines as soon as it is done)."""
-    settings_cls = toy.pack["core.settings"].TrainSettings
-    base = settings_cls(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=PLACEHOLDER,
-                        lr=args.lr, attn_lambda=args.attn_lambda)
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.nodes.learn import run_training
+
+    base = TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
+                         lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
     rows = []
-    for n, identity in enumerate(held_out_identities()[: args.identities]):
+    pool = held_out_identities() if args.pool == "held_out" else tuning_identities()
+    for n, identity in enumerate(pool[: args.identities]):
         if n % args.shard[1] != args.shard[0]:
             continue
-        scene = photo_scene(identity)
+        scene = toy.photo_scene(identity)
         picture = render(scene)
-        photo = image_tensor(picture.image)
-        photo_context = {a: scene.values[a] for a in CONTEXT_ATTRIBUTES}
-        contexts = prompt_contexts(photo_context, args.prompts, n)
+        photo = toy.image_tensor(picture.image)
+        contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, args.prompts, n)
         for method in args.methods:
             changes = METHODS[method]
-            learn_s = float("nan")
             settings = replace(base, **(changes or {}))
+            learn_s, ident = float("nan"), None
             if changes is not None:
                 t = time.perf_counter()
-                ident = toy.pack["nodes.learn"].run_training(toy.model, toy.clip, toy.vae, photo, settings).identity
+                with offsets_only() if method == "offsets_only" else contextlib.nullcontext():
+                    ident = run_training(model, clip, vae, photo, settings).identity
                 learn_s = time.perf_counter() - t
             elif method == "init_word":
-                ident = init_word_identity(toy)
-            else:
-                ident = None
-            attention = (attention_on_subject(toy, photo, picture.subject_mask, ident, settings)
+                ident = toy.init_word_identity(clip)
+            attention = (toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, ident, settings)
                          if ident is not None else float("nan"))
+            done = []
             for p, context in enumerate(contexts):
                 values = {**identity_values(identity), **context}
-                subject = caption(identity_values(identity)) if ident is None else SUBJECT.format(PLACEHOLDER)
-                text = caption(context, subject=subject)
+                text = toy.prompt_text(identity_values(identity), context, ident)
                 for seed in range(args.seeds):
-                    images = generate(toy, text, ident, 1000 + seed, args.per_seed, args.sample_steps, args.cfg)
-                    for i, read in enumerate(toy.reader.read(images)):
-                        rows.append({
-                            "identity": n, "method": method, "prompt": p, "seed": seed, "picture": i,
-                            "identity_score": agreement(read, values, list(IDENTITY_ATTRIBUTES)),
-                            "prompt_score": agreement(read, values, list(CONTEXT_ATTRIBUTES)),
-                            "attention": attention, "learn_s": learn_s, "text": text, "read": read,
-                        })
-            done = [r for r in rows if r["identity"] == n and r["method"] == method]
-            log(f"identity {n} {'/'.join(identity)} {method:12s} identity {mean(done, 'identity_score'):.3f} "
+                    images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
+                                          args.sample_steps, args.cfg)
+                    for i, (id_score, prompt_score) in enumerate(toy.scores(reader, images, values)):
+                        done.append({"identity": n, "method": method, "variant": args.variant, "prompt": p, "seed": seed, "picture": i,
+                                     "identity_score": id_score, "prompt_score": prompt_score, "attention": attention,
+                                     "learn_s": learn_s, "text": text})
+            rows += done
+            log(f"{args.pool} identity {n} {'/'.join(identity)} {args.variant} {method:12s} identity {mean(done, 'identity_score'):.3f} "
                 f"prompt {mean(done, 'prompt_score'):.3f} attention {attention:.3f} learn {learn_s:.0f} s")
             if args.out:
                 with open(args.out, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in done)
     return rows
+
+
+def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list[Path]:
+    """docs/ pictures (item 7): held-out identity --picture-identity learned with the full method and with λ = 0, its
+    photo, one picture per prompt for each (and the init word alone), and the learned identity's heat map."""
+    from PIL import Image, ImageDraw
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.stages import stage_timestep_range
+    from sefi_ide.host.heatmap import identity_heatmaps
+    from sefi_ide.nodes.learn import run_training
+
+    n = args.picture_identity
+    identity = held_out_identities()[n]
+    scene = toy.photo_scene(identity)
+    photo = toy.image_tensor(render(scene).image)
+    contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, args.prompts, n)
+    base = TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
+                         lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
+    learned = {f"λ {args.attn_lambda}": run_training(model, clip, vae, photo, base).identity,
+               "λ 0": run_training(model, clip, vae, photo, replace(base, attn_lambda=0.0)).identity,
+               "init word": toy.init_word_identity(clip)}
+    cell, pad, label_h = 160, 6, 34
+
+    def tile(image: torch.Tensor) -> Image.Image:
+        array = (image.clamp(0, 1) * 255).round().byte().cpu().numpy()
+        return Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+
+    def sheet(columns: list[tuple[str, list[Image.Image]]], rows_labels: list[str], title: str) -> Image.Image:
+        left = 260
+        width = left + len(columns) * (cell + pad)
+        height = label_h * 2 + len(rows_labels) * (cell + pad)
+        out = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(out)
+        draw.text((pad, pad), title, fill="black")
+        for c, (name, tiles) in enumerate(columns):
+            x = left + c * (cell + pad)
+            draw.text((x, label_h + 4), name, fill="black")
+            for r, image in enumerate(tiles):
+                if image is not None:
+                    out.paste(image, (x, 2 * label_h + r * (cell + pad)))
+        for r, text in enumerate(rows_labels):
+            y = 2 * label_h + r * (cell + pad)
+            words = text.split(", ")
+            for i in range(0, len(words), 2):
+                draw.text((pad, y + 8 + 7 * i), ", ".join(words[i:i + 2]), fill="black")
+        return out
+
+    values = identity_values(identity)
+    prompts = [toy.prompt_text(values, c, learned["init word"]) for c in contexts]
+    columns = [("the one photo", [tile(photo[0])] + [None] * (len(prompts) - 1))]
+    for name, ident in learned.items():
+        columns.append((name, [tile(toy.generate(model, clip, vae, p, ident, 1000, 1, args.sample_steps,
+                                                 args.cfg)[0]) for p in prompts]))
+    title = (f"TOY MODEL (tools/toy_world): held-out identity {'/'.join(identity)}, learned from the photo "
+             f"({args.steps} steps); KSampler ddim {args.sample_steps}, cfg {args.cfg}, seed 1000")
+    out_dir = args.pictures
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "toy-prompts.png", out_dir / "toy-heatmap.png"]
+    sheet(columns, [p.replace(toy.PLACEHOLDER, "<id>") for p in prompts], title).save(paths[0])
+    frames, _ = identity_heatmaps(model, clip, vae, photo.permute(0, 3, 1, 2), learned[f"λ {args.attn_lambda}"])
+    stage_columns = [(f"stage {s}: t {'..'.join(map(str, stage_timestep_range(s, len(frames))))}", [tile(f)])
+                     for s, f in enumerate(frames)]
+    sheet([("the one photo", [tile(photo[0])])] + stage_columns, ["<id>'s attention"],
+          f"TOY MODEL: where <id> attends over its photo, per stage (λ {args.attn_lambda}, {args.steps} steps)"
+          ).save(paths[1])
+    return paths
+
+
+def tuning_identities() -> list[tuple[str, ...]]:
+    """Trained identities in a fixed random order: where settings are tuned, so the held-out ones never are."""
+    trained = trained_identities()
+    return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
 
 
 def mean(rows: list[dict], key: str) -> float:
@@ -223,24 +242,35 @@ def spread(rows: list[dict], key: str, by: str) -> float:
     return statistics.stdev(means) if len(means) > 1 else 0.0
 
 
-def table(rows: list[dict], methods: list[str], attn_lambda: float) -> str:
+def table(rows: list[dict], attn_lambda: float) -> str:
+    """One row per (variant, method), in the order they were run."""
     head = ("| method | identity score | ± seeds | ± identities | prompt score | ± seeds | ± identities "
             "| attention on subject | learning time (s) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for m in methods:
-        sel = [r for r in rows if r["method"] == m]
-        if not sel:
-            continue
-        attention = mean([r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0], "attention")
-        learn = mean([r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0], "learn_s")
+    for variant, m in dict.fromkeys((r.get("variant", "default"), r["method"]) for r in rows):
+        sel = [r for r in rows if r["method"] == m and r.get("variant", "default") == variant]
+        first = [r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]  # one per identity
+        attention, learn = mean(first, "attention"), mean(first, "learn_s")
+        label = DESCRIPTIONS[m].format(lam=attn_lambda) + ("" if variant == "default" else f" [{variant}]")
         lines.append(
-            f"| {DESCRIPTIONS[m].format(lam=attn_lambda)} | {mean(sel, 'identity_score'):.3f} "
+            f"| {label} | {mean(sel, 'identity_score'):.3f} "
             f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'identity'):.3f} "
             f"| {mean(sel, 'prompt_score'):.3f} | {spread(sel, 'prompt_score', 'seed'):.3f} "
             f"| {spread(sel, 'prompt_score', 'identity'):.3f} "
             f"| {'-' if math.isnan(attention) else f'{attention:.3f}'} "
             f"| {'-' if math.isnan(learn) else f'{learn:.0f}'} |")
     return "\n".join(lines)
+
+
+def parse_setting(text: str) -> tuple[str, object]:
+    """'name=value' -> (name, value typed like TrainSettings' field)."""
+    from sefi_ide.core.settings import TrainSettings
+
+    name, _, value = text.partition("=")
+    default = getattr(TrainSettings(), name, None)
+    if default is None or not value:
+        raise SystemExit(f"--set {text}: expected NAME=VALUE with NAME a TrainSettings field")
+    return name, (value.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(value)
 
 
 def main() -> None:
@@ -255,7 +285,14 @@ def main() -> None:
     ap.add_argument("--learn-seed", type=int, default=0)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    ap.add_argument("--pool", choices=["held_out", "trained"], default="held_out",
+                    help="held_out: the table's identities; trained: where settings are tuned (never the held-out)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a TrainSettings field for every learned method, e.g. --set scale_min=1.0 (repeatable)")
+    ap.add_argument("--pictures", type=Path, default=None, help="write the docs' pictures into this folder instead")
+    ap.add_argument("--picture-identity", type=int, default=0, help="the held-out identity the pictures show")
+    ap.add_argument("--variant", default="default", help="a label for this run's rows (--table-from groups by it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="append every picture's scores here (JSON lines)")
     ap.add_argument("--shard", default="0/1", help="i/n: only identities number i, i+n, ... (parallel processes)")
@@ -263,19 +300,24 @@ def main() -> None:
                     help="print the table of these --out files instead of running (merging shards)")
     ap.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = ap.parse_args()
+    harness.register_pack_namespace()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
 
     args.shard = tuple(int(x) for x in args.shard.split("/"))
+    args.set = dict(parse_setting(s) for s in args.set)
     started = time.perf_counter()
+    if args.pictures:
+        for path in pictures(args, *load(args.threads or None)):
+            print(f"wrote {path}")
+        return
     if args.table_from:
         rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines() if line]
     else:
-        toy = load(args.threads or None)
-        rows = run(args, toy)
-    text = table(rows, args.methods, args.attn_lambda)
+        rows = run(args, *load(args.threads or None))
+    text = table(rows, args.attn_lambda)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     header = (f"toy world, {args.identities} held-out identities x {args.prompts} prompts x {args.seeds} seeds x "
               f"{args.per_seed}; learning {args.steps} steps, lr {args.lr}, seed {args.learn_seed}; KSampler ddim "

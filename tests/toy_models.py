@@ -1,4 +1,6 @@
-"""The toy world's SD1 checkpoint (tools/toy_world/) as ComfyUI loads it, for the quality benchmark and its CI test.
+"""The toy world (tools/toy_world/) as the pack meets it, for the quality benchmark (bench/quality.py) and its CI
+test (tests/test_toy_quality.py): the toy SD1 checkpoint through ComfyUI's loader, the one photo of an identity, the
+prompts, pictures by ComfyUI's KSampler through the Apply node's code, and the scores the reader gives them.
 
 The committed 2.8 MB of trained weights are built into the 290 MB checkpoint in the cache on first use and loaded by
 ComfyUI's own `load_checkpoint_guess_config`, exactly as Load Checkpoint does.
@@ -6,10 +8,18 @@ ComfyUI's own `load_checkpoint_guess_config`, exactly as Load Checkpoint does.
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from harness import PACK_ROOT, cache_root
+
+if str(PACK_ROOT) not in sys.path:
+    sys.path.insert(0, str(PACK_ROOT))
+from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
+from tools.toy_world.reader import Reader, agreement
+from tools.toy_world.world import caption, sample_scene
 
 TRAINED = PACK_ROOT / "tools" / "toy_world" / "toy_sd1.safetensors"
 PROBE_PROMPT = "a photo of the face of person, oval face, tan skin, long ginger hair, green eyes, wearing a hat"
@@ -17,10 +27,6 @@ PROBE_PROMPT = "a photo of the face of person, oval face, tan skin, long ginger 
 
 def toy_checkpoint() -> Path:
     """The built toy checkpoint, keyed by the trained file's content (rebuilt when the weights change)."""
-    import sys
-
-    if str(PACK_ROOT) not in sys.path:
-        sys.path.insert(0, str(PACK_ROOT))
     from tools.toy_world import checkpoint
 
     tag = hashlib.sha256(TRAINED.read_bytes()).hexdigest()[:10]
@@ -58,3 +64,91 @@ def load_toy(drop_idle_text_layers: bool = True):
     if drop_idle_text_layers:
         _drop_idle_text_layers(clip)
     return model, clip, vae
+
+
+# --- the photo, the prompts, the pictures, the scores ------------------------------------------------------------
+PHOTO_SEED = 2024  # the photos' contexts and jitter
+PROMPT_SEED = 7
+SUBJECT = "a photo of the face of {}"
+PLACEHOLDER = "<id>"
+
+
+def photo_scene(identity: tuple[str, ...]):
+    """The one picture of `identity`: a random context and jitter, fixed by the identity and PHOTO_SEED."""
+    key = [PHOTO_SEED] + [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
+    return sample_scene(np.random.default_rng(key), identity=identity)
+
+
+def prompt_contexts(photo_context: dict[str, str], count: int, key: int) -> list[dict[str, str]]:
+    """`count` contexts that differ from the photo's in every context attribute (fixed by PROMPT_SEED and `key`), so
+    a picture that copies the photo scores 0 on the prompt."""
+    rng = np.random.default_rng([PROMPT_SEED, key])
+    return [{a: str(rng.choice([v for v in vals if v != photo_context[a]])) for a, vals in CONTEXT_ATTRIBUTES.items()}
+            for _ in range(count)]
+
+
+def image_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array).float().div(255)[None]  # ComfyUI IMAGE (1, H, W, 3)
+
+
+def init_word_identity(clip, num_stages: int = 5):
+    """An identity whose every token is the init word's embedding: the prompt then reads exactly '... of person'."""
+    from sefi_ide.core.identity import Identity
+    from sefi_ide.host.text import word_embedding
+
+    e = word_embedding(clip, "person")["clip_l"].float().reshape(1, -1)
+    return Identity(family="sd1", placeholder=PLACEHOLDER, init_word="person", k={"clip_l": e.repeat(num_stages, 1)},
+                    v={"clip_l": e.repeat(num_stages, 1)})
+
+
+def generate(model, clip, vae, text: str, identity, seed: int, count: int = 1, steps: int = 20,
+             cfg: float = 4.0) -> torch.Tensor:
+    """`count` pictures (count, 128, 128, 3) of `text` by ComfyUI's KSampler (ddim, ddim_uniform), with `identity`
+    applied through Apply Per-Stage ID Tokens' code, or (identity None) the plain prompt through CLIP Text Encode."""
+    from sefi_ide.host.conditioning import apply_identities
+
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        if identity is None:
+            patched, positive = model, comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+        else:
+            patched, positive = apply_identities(model, clip, text, [identity])
+        negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
+        latent = {"samples": torch.zeros(count, 4, 16, 16)}
+        out = comfy_nodes.common_ksampler(patched, seed, steps, cfg, "ddim", "ddim_uniform", positive, negative,
+                                          latent)[0]["samples"]
+        return vae.decode(out)
+
+
+def scores(reader: Reader, images: torch.Tensor, values: dict[str, str]) -> list[tuple[float, float]]:
+    """(identity score, prompt score) of each picture: the shares of identity and context attributes (those the
+    picture can show) read back as in `values`."""
+    return [(agreement(read, values, list(IDENTITY_ATTRIBUTES)), agreement(read, values, list(CONTEXT_ATTRIBUTES)))
+            for read in reader.read(images)]
+
+
+def prompt_text(identity_values_: dict[str, str], context: dict[str, str], identity) -> str:
+    """The prompt for `context`: the placeholder as subject, or (identity None) the identity spelled out in words."""
+    subject = caption(identity_values_) if identity is None else SUBJECT.format(PLACEHOLDER)
+    return caption(context, subject=subject)
+
+
+def attention_on_subject(model, clip, vae, photo: torch.Tensor, mask: np.ndarray, identity, settings) -> float:
+    """Share of the placeholder's attention mass (loss layers, each stage's middle timestep, over the photo) inside
+    the subject's mask; mean over stages."""
+    from dataclasses import replace
+
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.heatmap import placeholder_attention
+
+    with training_scope():
+        backend = ComfyTrainingBackend(model, clip, vae, replace(settings, num_stages=identity.num_stages))
+        reference = photo.permute(0, 3, 1, 2)
+        with torch.no_grad():
+            z0 = backend.latents(reference)
+            eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
+            heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
+    inside = torch.from_numpy(mask.astype(np.float32))
+    return float(((heats * inside).sum((1, 2)) / heats.sum((1, 2))).mean())
