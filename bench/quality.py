@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import harness
 import toy_models as toy
 
-from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, identity_values
+from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
 from tools.toy_world.reader import Reader
 from tools.toy_world.render import render
 from tools.toy_world.world import held_out_identities, trained_identities
@@ -129,12 +129,13 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
         for method in args.methods:
             changes = METHODS[method]
             settings = replace(base, **(changes or {}))
-            learn_s, ident = float("nan"), None
+            learn_s, ident, history = float("nan"), None, []
             if changes is not None:
                 t = time.perf_counter()
                 with offsets_only() if method == "offsets_only" else contextlib.nullcontext():
-                    ident = run_training(model, clip, vae, photo, settings).identity
+                    result = run_training(model, clip, vae, photo, settings)
                 learn_s = time.perf_counter() - t
+                ident, history = result.identity, result.history
             elif method == "init_word":
                 ident = toy.init_word_identity(clip)
             attention = (toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, ident, settings)
@@ -147,9 +148,11 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                     images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
                                           args.sample_steps, args.cfg)
                     for i, (id_score, prompt_score) in enumerate(toy.scores(reader, images, values)):
-                        done.append({"identity": n, "method": method, "variant": args.variant, "prompt": p, "seed": seed, "picture": i,
+                        done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant, "prompt": p, "seed": seed, "picture": i,
                                      "identity_score": id_score, "prompt_score": prompt_score, "attention": attention,
-                                     "learn_s": learn_s, "text": text})
+                                     "learn_s": learn_s, "text": text,
+                                     # the losses' means over the run: how large λ·L_attn is beside L_LDM
+                                     "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn")})
             rows += done
             log(f"{args.pool} identity {n} {'/'.join(identity)} {args.variant} {method:12s} identity {mean(done, 'identity_score'):.3f} "
                 f"prompt {mean(done, 'prompt_score'):.3f} attention {attention:.3f} learn {learn_s:.0f} s")
@@ -231,6 +234,46 @@ def tuning_identities() -> list[tuple[str, ...]]:
     return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
 
 
+def subject_area(rows: list[dict]) -> float:
+    """Mean share of the photo the subject's mask covers, over these rows' identities: the attention on subject a
+    token that attends evenly everywhere would get."""
+    areas = []
+    for r in rows:
+        pool = held_out_identities() if r.get("pool", "held_out") == "held_out" else tuning_identities()
+        areas.append(float(render(toy.photo_scene(pool[r["identity"]])).subject_mask.mean()))
+    return statistics.fmean(areas) if areas else float("nan")
+
+
+def word_attention(args: argparse.Namespace, model, clip, vae, reader: Reader) -> str:
+    """Where single words attend in the toy model: each word alone in the reference prompt ('a photo of the face of
+    WORD', the placeholder's position) over the photos of the first --identities held-out identities; the share of
+    its attention inside the subject's mask (the measure of the table). Tells whether the init word's map, which
+    the attention loss holds the identity token to, lies on the subject as the paper assumes of real SD."""
+    from sefi_ide.core.identity import Identity
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.host.text import word_embedding
+
+    settings = TrainSettings(resolution=128, placeholder=toy.PLACEHOLDER)
+    kinds = ["init word (person)", *IDENTITY_ATTRIBUTES, "scene"]
+    shares: dict[str, list[float]] = {k: [] for k in [*kinds, "subject area"]}
+    for identity in held_out_identities()[: args.identities]:
+        scene = toy.photo_scene(identity)
+        picture = render(scene)
+        photo = toy.image_tensor(picture.image)
+        for kind in kinds:
+            word = "person" if kind.startswith("init") else scene.values[kind]
+            e = word_embedding(clip, word)["clip_l"].float().reshape(1, -1).repeat(5, 1)
+            token = Identity(family="sd1", placeholder=toy.PLACEHOLDER, init_word="person", k={"clip_l": e},
+                             v={"clip_l": e})
+            shares[kind].append(toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, token,
+                                                         settings))
+        shares["subject area"].append(float(picture.subject_mask.mean()))
+    lines = ["| word in the placeholder's place | attention on subject | ± identities |", "|---|---|---|"]
+    for kind, values in shares.items():
+        lines.append(f"| {kind} | {statistics.fmean(values):.3f} | {statistics.stdev(values):.3f} |")
+    return "\n".join(lines)
+
+
 def mean(rows: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in rows) if rows else float("nan")
 
@@ -257,7 +300,7 @@ def table(rows: list[dict], attn_lambda: float) -> str:
             f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'identity'):.3f} "
             f"| {mean(sel, 'prompt_score'):.3f} | {spread(sel, 'prompt_score', 'seed'):.3f} "
             f"| {spread(sel, 'prompt_score', 'identity'):.3f} "
-            f"| {'-' if math.isnan(attention) else f'{attention:.3f}'} "
+            f"| {'-' if math.isnan(attention) else f'{attention:.3f} (area {subject_area(first):.3f})'} "
             f"| {'-' if math.isnan(learn) else f'{learn:.0f}'} |")
     return "\n".join(lines)
 
@@ -291,6 +334,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a TrainSettings field for every learned method, e.g. --set scale_min=1.0 (repeatable)")
     ap.add_argument("--pictures", type=Path, default=None, help="write the docs' pictures into this folder instead")
+    ap.add_argument("--word-attention", action="store_true",
+                    help="print where single words attend (subject vs elsewhere) instead of running the methods")
     ap.add_argument("--picture-identity", type=int, default=0, help="the held-out identity the pictures show")
     ap.add_argument("--variant", default="default", help="a label for this run's rows (--table-from groups by it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -312,6 +357,9 @@ def main() -> None:
     if args.pictures:
         for path in pictures(args, *load(args.threads or None)):
             print(f"wrote {path}")
+        return
+    if args.word_attention:
+        print(word_attention(args, *load(args.threads or None)))
         return
     if args.table_from:
         rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines() if line]
