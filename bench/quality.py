@@ -165,7 +165,7 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
 def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list[Path]:
     """docs/ pictures (item 7): held-out identity --picture-identity learned with the full method and with λ = 0, its
     photo, one picture per prompt for each (and the init word alone), and the learned identity's heat map."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     from sefi_ide.core.settings import TrainSettings
     from sefi_ide.core.stages import stage_timestep_range
     from sefi_ide.host.heatmap import identity_heatmaps
@@ -178,37 +178,47 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
     contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, args.prompts, n)
     base = TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
                          lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
-    learned = {f"λ {args.attn_lambda}": run_training(model, clip, vae, photo, base).identity,
-               "λ 0": run_training(model, clip, vae, photo, replace(base, attn_lambda=0.0)).identity,
-               "init word": toy.init_word_identity(clip)}
-    cell, pad, label_h = 160, 6, 34
+    learned = {f"default: lambda {args.attn_lambda}": run_training(model, clip, vae, photo, base).identity,
+               "lambda 0": run_training(model, clip, vae, photo,
+                                                            replace(base, attn_lambda=0.0)).identity,
+               "init word alone": toy.init_word_identity(clip)}
+    cell, pad, label_h, line_h = 160, 6, 34, 17
+    font = ImageFont.load_default(size=14)
 
     def tile(image: torch.Tensor) -> Image.Image:
         array = (image.clamp(0, 1) * 255).round().byte().cpu().numpy()
         return Image.fromarray(array).resize((cell, cell), Image.NEAREST)
 
+    def lines_of(text: str, width: int = 30) -> list[str]:
+        out, line = [], ""
+        for word in text.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                out.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        return [*out, line]
+
     def sheet(columns: list[tuple[str, list[Image.Image]]], rows_labels: list[str], title: str) -> Image.Image:
-        left = 260
-        width = left + len(columns) * (cell + pad)
+        left = 270
+        width = max(left + len(columns) * (cell + pad), 12 + 8 * len(title))
         height = label_h * 2 + len(rows_labels) * (cell + pad)
         out = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(out)
-        draw.text((pad, pad), title, fill="black")
+        draw.text((pad, pad), title, fill="black", font=font)
         for c, (name, tiles) in enumerate(columns):
             x = left + c * (cell + pad)
-            draw.text((x, label_h + 4), name, fill="black")
+            draw.text((x, label_h + 6), name, fill="black", font=font)
             for r, image in enumerate(tiles):
                 if image is not None:
                     out.paste(image, (x, 2 * label_h + r * (cell + pad)))
         for r, text in enumerate(rows_labels):
-            y = 2 * label_h + r * (cell + pad)
-            words = text.split(", ")
-            for i in range(0, len(words), 2):
-                draw.text((pad, y + 8 + 7 * i), ", ".join(words[i:i + 2]), fill="black")
+            for i, line in enumerate(lines_of(text)):
+                draw.text((pad, 2 * label_h + r * (cell + pad) + 8 + line_h * i), line, fill="black", font=font)
         return out
 
     values = identity_values(identity)
-    prompts = [toy.prompt_text(values, c, learned["init word"]) for c in contexts]
+    prompts = [toy.prompt_text(values, c, learned["init word alone"]) for c in contexts]
     columns = [("the one photo", [tile(photo[0])] + [None] * (len(prompts) - 1))]
     for name, ident in learned.items():
         columns.append((name, [tile(toy.generate(model, clip, vae, p, ident, 1000, 1, args.sample_steps,
@@ -219,11 +229,13 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "toy-prompts.png", out_dir / "toy-heatmap.png"]
     sheet(columns, [p.replace(toy.PLACEHOLDER, "<id>") for p in prompts], title).save(paths[0])
-    frames, _ = identity_heatmaps(model, clip, vae, photo.permute(0, 3, 1, 2), learned[f"λ {args.attn_lambda}"])
+    frames, _ = identity_heatmaps(model, clip, vae, photo.permute(0, 3, 1, 2),
+                                  learned[f"default: lambda {args.attn_lambda}"])
     stage_columns = [(f"stage {s}: t {'..'.join(map(str, stage_timestep_range(s, len(frames))))}", [tile(f)])
                      for s, f in enumerate(frames)]
     sheet([("the one photo", [tile(photo[0])])] + stage_columns, ["<id>'s attention"],
-          f"TOY MODEL: where <id> attends over its photo, per stage (λ {args.attn_lambda}, {args.steps} steps)"
+          f"TOY MODEL: where <id> attends over its photo, per stage (lambda {args.attn_lambda}, {args.steps} steps; "
+          f"blue = least, red = most)"
           ).save(paths[1])
     return paths
 
@@ -322,7 +334,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per identity (contexts unlike the photo's)")
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per prompt")
     ap.add_argument("--per-seed", type=int, default=1, help="pictures per sampling seed (one KSampler batch)")
-    ap.add_argument("--steps", type=int, default=200, help="learning steps")
+    ap.add_argument("--steps", type=int, default=400, help="learning steps (the pack's default: 400)")
     ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--attn-lambda", type=float, default=0.003, help="λ of the methods that use the attention loss")
     ap.add_argument("--learn-seed", type=int, default=0)
