@@ -201,7 +201,7 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
 
     def sheet(columns: list[tuple[str, list[Image.Image]]], rows_labels: list[str], title: str) -> Image.Image:
         left = 270
-        width = max(left + len(columns) * (cell + pad), 12 + 8 * len(title))
+        width = max(left + len(columns) * (cell + pad), 2 * pad + int(font.getlength(title)))
         height = label_h * 2 + len(rows_labels) * (cell + pad)
         out = Image.new("RGB", (width, height), "white")
         draw = ImageDraw.Draw(out)
@@ -331,7 +331,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--identities", type=int, default=8, help="how many held-out identities (split.json order)")
-    ap.add_argument("--prompts", type=int, default=4, help="prompts per identity (contexts unlike the photo's)")
+    ap.add_argument("--prompts", type=int, default=3, help="prompts per identity (contexts unlike the photo's)")
     ap.add_argument("--seeds", type=int, default=3, help="sampling seeds per prompt")
     ap.add_argument("--per-seed", type=int, default=1, help="pictures per sampling seed (one KSampler batch)")
     ap.add_argument("--steps", type=int, default=400, help="learning steps (the pack's default: 400)")
