@@ -317,6 +317,31 @@ def table(rows: list[dict], attn_lambda: float) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [("full", "lambda0"), ("full", "stages1"), ("full", "no_kv_split"), ("lambda0", "plain_ti"),
+         ("full", "init_word"), ("plain_ti", "init_word")]
+
+
+def paired_table(rows: list[dict]) -> str:
+    """Differences between methods, paired by identity (same photo, prompts and seeds): mean ± standard deviation
+    over identities, and in how many identities the first method is ahead / behind (the rest: equal)."""
+    lines = [("| comparison | identity score difference | identities ahead / behind | prompt score difference "
+             "| identities ahead / behind |"),
+             "|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        ids = sorted({r["identity"] for r in rows if r["method"] == a} & {r["identity"] for r in rows
+                                                                         if r["method"] == b})
+        if len(ids) < 2:
+            continue
+        cells = []
+        for key in ("identity_score", "prompt_score"):
+            diffs = [mean([r for r in rows if r["method"] == a and r["identity"] == i], key)
+                     - mean([r for r in rows if r["method"] == b and r["identity"] == i], key) for i in ids]
+            cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} "
+                         f"| {sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} of {len(ids)}")
+        lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def parse_setting(text: str) -> tuple[str, object]:
     """'name=value' -> (name, value typed like TrainSettings' field)."""
     from sefi_ide.core.settings import TrainSettings
@@ -384,6 +409,7 @@ def main() -> None:
               f"{args.sample_steps} steps, cfg {args.cfg}; torch threads {torch.get_num_threads()}; "
               f"{time.perf_counter() - started:.0f} s in all" if not args.table_from else
               f"toy world, from {', '.join(str(p) for p in args.table_from)}")
+    text += "\n\n" + paired_table(rows)
     print(header)
     print(text)
     if args.record:
