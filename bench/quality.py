@@ -404,7 +404,8 @@ def main() -> None:
         rows = run(args, *load(args.threads or None))
     text = table(rows, args.attn_lambda)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
-    header = (f"toy world, {args.identities} held-out identities x {args.prompts} prompts x {args.seeds} seeds x "
+    pool = args.pool.replace("_", "-")
+    header = (f"toy world, {args.identities} {pool} identities x {args.prompts} prompts x {args.seeds} seeds x "
               f"{args.per_seed}; learning {args.steps} steps, lr {args.lr}, seed {args.learn_seed}; KSampler ddim "
               f"{args.sample_steps} steps, cfg {args.cfg}; torch threads {torch.get_num_threads()}; "
               f"{time.perf_counter() - started:.0f} s in all" if not args.table_from else
