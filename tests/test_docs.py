@@ -67,7 +67,7 @@ def test_the_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path):
     assert broken_links(tmp_path / "a.md") == ["#nothing: no heading with that anchor in a.md", "c.md: no such file"]
 
 
-USER_PAGES = ["nodes.md", "how-it-works.md", "batch.md", "speed.md", "file-format.md", "limits.md"]
+USER_PAGES = ["nodes.md", "how-it-works.md", "batch.md", "speed.md", "file-format.md", "limits.md", "toy-world.md"]
 
 
 def test_the_readme_links_every_user_page():
@@ -76,12 +76,15 @@ def test_the_readme_links_every_user_page():
 
 
 def test_the_readme_is_a_front_page():
-    """Under ~10 KB, in the order a newcomer asks: what it does (with a picture), how it compares, install, the first
-    run, the test command, where to go next."""
+    """Under ~10 KB, in the order a newcomer asks: what it does (with a picture), how it compares, what is measured of
+    its quality, install, the first run, the test command, where to go next."""
     text = (ROOT / "README.md").read_text()
     assert len(text.encode()) < 10 * 1024
     sections = re.findall(r"^## (.*)$", text, re.MULTILINE)
-    assert sections == ["How it compares", "Install", "First run", "Tests", "More"]
+    assert sections == ["How it compares", "Measured: likeness and prompt fidelity, in a toy world", "Install",
+                        "First run", "Tests", "More"]
+    toy = text.split("\n## ")[2]  # the measured quality, under a picture labelled as the toy model's
+    assert "docs/toy-prompts.png" in toy and "Toy model, not Stable Diffusion" in toy
     intro = text.split("\n## ")[0]
     assert "![" in intro and "docs/workflow.png" in intro
     assert "bash .ci/run" in text and "bash .ci/test" in text
