@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -46,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 import harness
 import toy_models as toy
 
-from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
+from tools.toy_world.attributes import IDENTITY_ATTRIBUTES, identity_values
 from tools.toy_world.reader import Reader
 from tools.toy_world.render import render
 from tools.toy_world.world import held_out_identities, trained_identities
@@ -109,23 +110,25 @@ def load(threads: int | None):
     return (*toy.load_toy(), Reader())
 
 
+def base_settings(args: argparse.Namespace):
+    """The learned methods' settings before each method's changes: the pack's defaults at the toy's 128 px."""
+    from sefi_ide.core.settings import TrainSettings
+
+    return TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
+                         lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
+
+
 def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -> list[dict]:
     """Every (identity, method, prompt, seed) picture's scores, as dicts (each identity's also appended to --out as
     JSON lines as soon as it is done)."""
-    from sefi_ide.core.settings import TrainSettings
     from sefi_ide.nodes.learn import run_training
 
-    base = TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
-                         lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
+    base = base_settings(args)
     rows = []
-    pool = held_out_identities() if args.pool == "held_out" else tuning_identities()
-    for n, identity in enumerate(pool[: args.identities]):
+    for n, identity in enumerate(pool_identities(args.pool)[: args.identities]):
         if n % args.shard[1] != args.shard[0]:
             continue
-        scene = toy.photo_scene(identity)
-        picture = render(scene)
-        photo = toy.image_tensor(picture.image)
-        contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, args.prompts, n)
+        _, picture, photo, contexts = toy.photo_and_prompts(identity, args.prompts, n)
         for method in args.methods:
             changes = METHODS[method]
             settings = replace(base, **(changes or {}))
@@ -148,14 +151,15 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                     images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
                                           args.sample_steps, args.cfg)
                     for i, (id_score, prompt_score) in enumerate(toy.scores(reader, images, values)):
-                        done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant, "prompt": p, "seed": seed, "picture": i,
-                                     "identity_score": id_score, "prompt_score": prompt_score, "attention": attention,
-                                     "learn_s": learn_s, "text": text,
+                        done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant,
+                                     "prompt": p, "seed": seed, "picture": i, "identity_score": id_score,
+                                     "prompt_score": prompt_score, "attention": attention, "learn_s": learn_s,
+                                     "text": text,
                                      # the losses' means over the run: how large λ·L_attn is beside L_LDM
                                      "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn")})
             rows += done
-            log(f"{args.pool} identity {n} {'/'.join(identity)} {args.variant} {method:12s} identity {mean(done, 'identity_score'):.3f} "
-                f"prompt {mean(done, 'prompt_score'):.3f} attention {attention:.3f} learn {learn_s:.0f} s")
+            log(f"{args.pool} identity {n} {'/'.join(identity)} {args.variant} {method:12s} "
+                f"identity {mean(done, 'identity_score'):.3f} prompt {mean(done, 'prompt_score'):.3f} attention {attention:.3f} learn {learn_s:.0f} s")
             if args.out:
                 with open(args.out, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in done)
@@ -166,21 +170,16 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
     """docs/ pictures (item 7): held-out identity --picture-identity learned with the full method and with λ = 0, its
     photo, one picture per prompt for each (and the init word alone), and the learned identity's heat map."""
     from PIL import Image, ImageDraw, ImageFont
-    from sefi_ide.core.settings import TrainSettings
     from sefi_ide.core.stages import stage_timestep_range
     from sefi_ide.host.heatmap import identity_heatmaps
     from sefi_ide.nodes.learn import run_training
 
     n = args.picture_identity
     identity = held_out_identities()[n]
-    scene = toy.photo_scene(identity)
-    photo = toy.image_tensor(render(scene).image)
-    contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, args.prompts, n)
-    base = TrainSettings(steps=args.steps, seed=args.learn_seed, resolution=128, placeholder=toy.PLACEHOLDER,
-                         lr=args.lr, attn_lambda=args.attn_lambda, **args.set)
+    _, _, photo, contexts = toy.photo_and_prompts(identity, args.prompts, n)
+    base = base_settings(args)
     learned = {f"default: lambda {args.attn_lambda}": run_training(model, clip, vae, photo, base).identity,
-               "lambda 0": run_training(model, clip, vae, photo,
-                                                            replace(base, attn_lambda=0.0)).identity,
+               "lambda 0": run_training(model, clip, vae, photo, replace(base, attn_lambda=0.0)).identity,
                "init word alone": toy.init_word_identity(clip)}
     cell, pad, label_h, line_h = 160, 6, 34, 17
     font = ImageFont.load_default(size=14)
@@ -240,8 +239,12 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
     return paths
 
 
-def tuning_identities() -> list[tuple[str, ...]]:
-    """Trained identities in a fixed random order: where settings are tuned, so the held-out ones never are."""
+@functools.cache
+def pool_identities(pool: str) -> list[tuple[str, ...]]:
+    """held_out: split.json's list (the table's identities). trained: the trained identities in a fixed random order,
+    where settings are tuned, so the held-out ones never are."""
+    if pool == "held_out":
+        return held_out_identities()
     trained = trained_identities()
     return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
 
@@ -251,8 +254,8 @@ def subject_area(rows: list[dict]) -> float:
     token that attends evenly everywhere would get."""
     areas = []
     for r in rows:
-        pool = held_out_identities() if r.get("pool", "held_out") == "held_out" else tuning_identities()
-        areas.append(float(render(toy.photo_scene(pool[r["identity"]])).subject_mask.mean()))
+        identity = pool_identities(r.get("pool", "held_out"))[r["identity"]]
+        areas.append(float(render(toy.photo_scene(identity)).subject_mask.mean()))
     return statistics.fmean(areas) if areas else float("nan")
 
 
@@ -261,22 +264,15 @@ def word_attention(args: argparse.Namespace, model, clip, vae, reader: Reader) -
     WORD', the placeholder's position) over the photos of the first --identities held-out identities; the share of
     its attention inside the subject's mask (the measure of the table). Tells whether the init word's map, which
     the attention loss holds the identity token to, lies on the subject as the paper assumes of real SD."""
-    from sefi_ide.core.identity import Identity
     from sefi_ide.core.settings import TrainSettings
-    from sefi_ide.host.text import word_embedding
 
     settings = TrainSettings(resolution=128, placeholder=toy.PLACEHOLDER)
     kinds = ["init word (person)", *IDENTITY_ATTRIBUTES, "scene"]
     shares: dict[str, list[float]] = {k: [] for k in [*kinds, "subject area"]}
     for identity in held_out_identities()[: args.identities]:
-        scene = toy.photo_scene(identity)
-        picture = render(scene)
-        photo = toy.image_tensor(picture.image)
+        scene, picture, photo, _ = toy.photo_and_prompts(identity, 0, 0)
         for kind in kinds:
-            word = "person" if kind.startswith("init") else scene.values[kind]
-            e = word_embedding(clip, word)["clip_l"].float().reshape(1, -1).repeat(5, 1)
-            token = Identity(family="sd1", placeholder=toy.PLACEHOLDER, init_word="person", k={"clip_l": e},
-                             v={"clip_l": e})
+            token = toy.word_identity(clip, "person" if kind.startswith("init") else scene.values[kind])
             shares[kind].append(toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, token,
                                                          settings))
         shares["subject area"].append(float(picture.subject_mask.mean()))

@@ -13,9 +13,8 @@ import pytest
 import torch
 import toy_models as toy
 
-from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, identity_values
-from tools.toy_world.reader import Reader
-from tools.toy_world.render import render
+from tools.toy_world.attributes import identity_values
+from tools.toy_world.reader import Reader, agreement
 from tools.toy_world.world import caption, held_out_identities, trained_identities
 
 # A held-out identity that neither the benchmark's table (the first 8) nor its tuning (trained identities) uses, and
@@ -62,8 +61,6 @@ def test_the_toy_checkpoint_draws_what_a_full_caption_says_through_comfyuis_ksam
     model, clip, vae, reader = toy_world
     scenes = [toy.photo_scene(i) for i in trained_identities()[:: 300]]
     read = reader.read(torch.cat([toy.generate(model, clip, vae, caption(s.values), None, seed=3) for s in scenes]))
-    from tools.toy_world.reader import agreement
-
     share = statistics.fmean(agreement(r, s.values) for r, s in zip(read, scenes))
     assert share >= 0.8, f"only {share:.2f} of the attributes a full caption names were drawn"
 
@@ -73,9 +70,7 @@ def test_a_held_out_identity_learned_from_one_picture_looks_like_its_subject_and
     from sefi_ide.nodes.learn import run_training
 
     model, clip, vae, _ = toy_world
-    scene = toy.photo_scene(IDENTITY)
-    photo = toy.image_tensor(render(scene).image)
-    contexts = toy.prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, PROMPTS, key=IDENTITY_INDEX)
+    _, _, photo, contexts = toy.photo_and_prompts(IDENTITY, PROMPTS, key=IDENTITY_INDEX)
     settings = TrainSettings(steps=STEPS, lr=LR, attn_lambda=ATTN_LAMBDA, resolution=128, placeholder=toy.PLACEHOLDER,
                              seed=0)
     learned = run_training(model, clip, vae, photo, settings).identity

@@ -91,14 +91,29 @@ def image_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).float().div(255)[None]  # ComfyUI IMAGE (1, H, W, 3)
 
 
-def init_word_identity(clip, num_stages: int = 5):
-    """An identity whose every token is the init word's embedding: the prompt then reads exactly '... of person'."""
+def word_identity(clip, word: str, num_stages: int = 5):
+    """An identity whose every token is `word`'s embedding: the prompt then reads exactly '... of WORD'."""
     from sefi_ide.core.identity import Identity
     from sefi_ide.host.text import word_embedding
 
-    e = word_embedding(clip, "person")["clip_l"].float().reshape(1, -1)
+    e = word_embedding(clip, word)["clip_l"].float().reshape(1, -1)
     return Identity(family="sd1", placeholder=PLACEHOLDER, init_word="person", k={"clip_l": e.repeat(num_stages, 1)},
                     v={"clip_l": e.repeat(num_stages, 1)})
+
+
+def init_word_identity(clip, num_stages: int = 5):
+    """The init word alone ("person"): the floor a learned identity must beat."""
+    return word_identity(clip, "person", num_stages)
+
+
+def photo_and_prompts(identity: tuple[str, ...], prompts: int, key: int):
+    """(scene, render, photo as a ComfyUI IMAGE, `prompts` contexts unlike the photo's) of `identity`."""
+    from tools.toy_world.render import render
+
+    scene = photo_scene(identity)
+    picture = render(scene)
+    contexts = prompt_contexts({a: scene.values[a] for a in CONTEXT_ATTRIBUTES}, prompts, key)
+    return scene, picture, image_tensor(picture.image), contexts
 
 
 def generate(model, clip, vae, text: str, identity, seed: int, count: int = 1, steps: int = 20,
