@@ -98,6 +98,30 @@ def offsets_only():
         TokenGenerator.forward = forward
 
 
+def generator_parts(identity) -> dict[str, float]:
+    """What the learned generator's two parts hold (CLIP-L's generator): token_i - e = shared_i + o_i, shared_i the
+    shared layers' output W_out·LN(h_i)/d, o_i slot i's free offset. For each part: its mean norm over the 2·S slots
+    and its mean distance from its own mean over the slots (the part that differs between slots), beside |e|."""
+    from sefi_ide.core.generator import TokenGenerator
+
+    state = {k[len("clip_l."):]: t for k, t in identity.generator_state.items() if k.startswith("clip_l.")}
+    if not state:
+        return {}
+    gen = TokenGenerator(state["base"], identity.num_stages)
+    gen.load_state_dict(state)
+    with torch.no_grad():
+        tokens = torch.cat(gen())
+        offsets = gen.slot_offsets.detach()
+        shared = tokens - gen.base - offsets
+
+    def norm(x: torch.Tensor) -> float:
+        return float(x.norm(dim=-1).mean())
+
+    return {"init_norm": float(gen.base.norm()), "shared_norm": norm(shared),
+            "shared_between_slots": norm(shared - shared.mean(0)), "offset_norm": norm(offsets),
+            "offset_between_slots": norm(offsets - offsets.mean(0))}
+
+
 def load(threads: int | None):
     """(MODEL, CLIP, VAE) of the toy checkpoint (tests/toy_models.py) and the reader."""
     if threads:
@@ -132,13 +156,14 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
         for method in args.methods:
             changes = METHODS[method]
             settings = replace(base, **(changes or {}))
-            learn_s, ident, history = float("nan"), None, []
+            learn_s, ident, history, parts = float("nan"), None, [], {}
             if changes is not None:
                 t = time.perf_counter()
                 with offsets_only() if method == "offsets_only" else contextlib.nullcontext():
                     result = run_training(model, clip, vae, photo, settings)
                 learn_s = time.perf_counter() - t
                 ident, history = result.identity, result.history
+                parts = generator_parts(ident)
             elif method == "init_word":
                 ident = toy.init_word_identity(clip)
             attention = (toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, ident, settings)
@@ -156,7 +181,7 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                                      "prompt_score": prompt_score, "attention": attention, "learn_s": learn_s,
                                      "text": text,
                                      # the losses' means over the run: how large λ·L_attn is beside L_LDM
-                                     "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn")})
+                                     "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn"), **parts})
             rows += done
             log(f"{args.pool} identity {n} {'/'.join(identity)} {args.variant} {method:12s} "
                 f"identity {mean(done, 'identity_score'):.3f} prompt {mean(done, 'prompt_score'):.3f} attention {attention:.3f} learn {learn_s:.0f} s")
@@ -293,16 +318,22 @@ def spread(rows: list[dict], key: str, by: str) -> float:
     return statistics.stdev(means) if len(means) > 1 else 0.0
 
 
+def run_key(r: dict) -> tuple[str, str, str]:
+    """Which run a row belongs to: (pool, variant, method)."""
+    return r.get("pool", "held_out"), r.get("variant", "default"), r["method"]
+
+
 def table(rows: list[dict], attn_lambda: float) -> str:
     """One row per (variant, method), in the order they were run."""
     head = ("| method | identity score | ± seeds | ± identities | prompt score | ± seeds | ± identities "
             "| attention on subject | learning time (s) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for variant, m in dict.fromkeys((r.get("variant", "default"), r["method"]) for r in rows):
-        sel = [r for r in rows if r["method"] == m and r.get("variant", "default") == variant]
+    for pool, variant, m in dict.fromkeys(run_key(r) for r in rows):
+        sel = [r for r in rows if run_key(r) == (pool, variant, m)]
         first = [r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]  # one per identity
         attention, learn = mean(first, "attention"), mean(first, "learn_s")
-        label = DESCRIPTIONS[m].format(lam=attn_lambda) + ("" if variant == "default" else f" [{variant}]")
+        label = (DESCRIPTIONS[m].format(lam=attn_lambda) + ("" if variant == "default" else f" [{variant}]")
+                 + ("" if pool == "held_out" else f" ({pool} identities)"))
         lines.append(
             f"| {label} | {mean(sel, 'identity_score'):.3f} "
             f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'identity'):.3f} "
@@ -314,27 +345,53 @@ def table(rows: list[dict], attn_lambda: float) -> str:
 
 
 PAIRS = [("full", "lambda0"), ("full", "stages1"), ("full", "no_kv_split"), ("lambda0", "plain_ti"),
-         ("full", "init_word"), ("plain_ti", "init_word")]
+         ("full", "init_word"), ("plain_ti", "init_word"), ("full", "offsets_only")]
 
 
 def paired_table(rows: list[dict]) -> str:
-    """Differences between methods, paired by identity (same photo, prompts and seeds): mean ± standard deviation
-    over identities, and in how many identities the first method is ahead / behind (the rest: equal)."""
+    """Differences, paired by identity (same photo, prompts and seeds): the PAIRS of methods within each variant, and
+    every other variant of a method against its default run. Mean ± standard deviation over identities, and in how
+    many identities the first is ahead / behind (the rest: equal)."""
+    def name(k: tuple[str, str, str]) -> str:
+        pool, variant, method = k
+        return method + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
+
+    runs = list(dict.fromkeys(run_key(r) for r in rows))
+    groups = dict.fromkeys((pool, variant) for pool, variant, _ in runs)
+    pairs = [((pool, v, a), (pool, v, b)) for pool, v in groups for a, b in PAIRS]
+    pairs += [(k, (k[0], "default", k[2])) for k in runs if k[1] != "default"]
     lines = [("| comparison | identity score difference | identities ahead / behind | prompt score difference "
              "| identities ahead / behind |"),
              "|---|---|---|---|---|"]
-    for a, b in PAIRS:
-        ids = sorted({r["identity"] for r in rows if r["method"] == a} & {r["identity"] for r in rows
-                                                                         if r["method"] == b})
+    for a, b in pairs:
+        ids = sorted({r["identity"] for r in rows if run_key(r) == a}
+                     & {r["identity"] for r in rows if run_key(r) == b})
         if len(ids) < 2:
             continue
         cells = []
-        for key in ("identity_score", "prompt_score"):
-            diffs = [mean([r for r in rows if r["method"] == a and r["identity"] == i], key)
-                     - mean([r for r in rows if r["method"] == b and r["identity"] == i], key) for i in ids]
+        for column in ("identity_score", "prompt_score"):
+            diffs = [mean([r for r in rows if run_key(r) == a and r["identity"] == i], column)
+                     - mean([r for r in rows if run_key(r) == b and r["identity"] == i], column) for i in ids]
             cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} "
                          f"| {sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} of {len(ids)}")
-        lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {name(a)} − {name(b)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+GENERATOR_PARTS = ["init_norm", "shared_norm", "shared_between_slots", "offset_norm", "offset_between_slots"]
+
+
+def generator_table(rows: list[dict]) -> str:
+    """generator_parts' means per (variant, method), over identities ('' when no row has them)."""
+    first = [r for r in rows if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0 and "shared_norm" in r]
+    if not first:
+        return ""
+    lines = [("| method | init word e: norm | shared part: norm | shared: differs between slots "
+              "| free offsets: norm | offsets: differ between slots |"), "|---|---|---|---|---|---|"]
+    for pool, variant, m in dict.fromkeys(run_key(r) for r in first):
+        sel = [r for r in first if run_key(r) == (pool, variant, m)]
+        label = m + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
+        lines.append(f"| {label} | " + " | ".join(f"{mean(sel, k):.3f}" for k in GENERATOR_PARTS) + " |")
     return "\n".join(lines)
 
 
@@ -407,6 +464,9 @@ def main() -> None:
               f"{time.perf_counter() - started:.0f} s in all" if not args.table_from else
               f"toy world, from {', '.join(str(p) for p in args.table_from)}")
     text += "\n\n" + paired_table(rows)
+    if generator_table(rows):
+        text += "\n\nThe learned generators' parts (token - e = shared layers' output + free offset; norms):\n\n"
+        text += generator_table(rows)
     print(header)
     print(text)
     if args.record:
