@@ -332,8 +332,10 @@ def table(rows: list[dict], attn_lambda: float) -> str:
         sel = [r for r in rows if run_key(r) == (pool, variant, m)]
         first = [r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]  # one per identity
         attention, learn = mean(first, "attention"), mean(first, "learn_s")
-        label = (DESCRIPTIONS[m].format(lam=attn_lambda) + ("" if variant == "default" else f" [{variant}]")
-                 + ("" if pool == "held_out" else f" ({pool} identities)"))
+        # a variant changed some setting: the method's name without its default settings, then the variant's label
+        label = (DESCRIPTIONS[m].format(lam=attn_lambda) if variant == "default"
+                 else f"{DESCRIPTIONS[m].split(' (')[0]} [{variant}]")
+        label += "" if pool == "held_out" else f" ({pool} identities)"
         lines.append(
             f"| {label} | {mean(sel, 'identity_score'):.3f} "
             f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'identity'):.3f} "
@@ -391,7 +393,7 @@ def generator_table(rows: list[dict]) -> str:
     for pool, variant, m in dict.fromkeys(run_key(r) for r in first):
         sel = [r for r in first if run_key(r) == (pool, variant, m)]
         label = m + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
-        lines.append(f"| {label} | " + " | ".join(f"{mean(sel, k):.3f}" for k in GENERATOR_PARTS) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{mean(sel, k):.3g}" for k in GENERATOR_PARTS) + " |")
     return "\n".join(lines)
 
 
