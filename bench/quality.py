@@ -323,6 +323,17 @@ def run_key(r: dict) -> tuple[str, str, str]:
     return r.get("pool", "held_out"), r.get("variant", "default"), r["method"]
 
 
+def run_name(key: tuple[str, str, str]) -> str:
+    """A run_key's short label: 'method [variant] (pool)', the defaults left out."""
+    pool, variant, method = key
+    return method + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
+
+
+def one_per_identity(rows: list[dict]) -> list[dict]:
+    """Each identity's first picture: the rows that carry a learned run's per-identity values once."""
+    return [r for r in rows if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]
+
+
 def table(rows: list[dict], attn_lambda: float) -> str:
     """One row per (variant, method), in the order they were run."""
     head = ("| method | identity score | ± seeds | ± identities | prompt score | ± seeds | ± identities "
@@ -330,7 +341,7 @@ def table(rows: list[dict], attn_lambda: float) -> str:
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for pool, variant, m in dict.fromkeys(run_key(r) for r in rows):
         sel = [r for r in rows if run_key(r) == (pool, variant, m)]
-        first = [r for r in sel if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]  # one per identity
+        first = one_per_identity(sel)
         attention, learn = mean(first, "attention"), mean(first, "learn_s")
         # a variant changed some setting: the method's name without its default settings, then the variant's label
         label = (DESCRIPTIONS[m].format(lam=attn_lambda) if variant == "default"
@@ -354,10 +365,6 @@ def paired_table(rows: list[dict]) -> str:
     """Differences, paired by identity (same photo, prompts and seeds): the PAIRS of methods within each variant, and
     every other variant of a method against its default run. Mean ± standard deviation over identities, and in how
     many identities the first is ahead / behind (the rest: equal)."""
-    def name(k: tuple[str, str, str]) -> str:
-        pool, variant, method = k
-        return method + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
-
     runs = list(dict.fromkeys(run_key(r) for r in rows))
     groups = dict.fromkeys((pool, variant) for pool, variant, _ in runs)
     pairs = [((pool, v, a), (pool, v, b)) for pool, v in groups for a, b in PAIRS]
@@ -376,7 +383,7 @@ def paired_table(rows: list[dict]) -> str:
                      - mean([r for r in rows if run_key(r) == b and r["identity"] == i], column) for i in ids]
             cells.append(f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs):.3f} "
                          f"| {sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} of {len(ids)}")
-        lines.append(f"| {name(a)} − {name(b)} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {run_name(a)} − {run_name(b)} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -385,15 +392,14 @@ GENERATOR_PARTS = ["init_norm", "shared_norm", "shared_between_slots", "offset_n
 
 def generator_table(rows: list[dict]) -> str:
     """generator_parts' means per (variant, method), over identities ('' when no row has them)."""
-    first = [r for r in rows if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0 and "shared_norm" in r]
+    first = [r for r in one_per_identity(rows) if "shared_norm" in r]
     if not first:
         return ""
     lines = [("| method | init word e: norm | shared part: norm | shared: differs between slots "
               "| free offsets: norm | offsets: differ between slots |"), "|---|---|---|---|---|---|"]
-    for pool, variant, m in dict.fromkeys(run_key(r) for r in first):
-        sel = [r for r in first if run_key(r) == (pool, variant, m)]
-        label = m + ("" if variant == "default" else f" [{variant}]") + ("" if pool == "held_out" else f" ({pool})")
-        lines.append(f"| {label} | " + " | ".join(f"{mean(sel, k):.3g}" for k in GENERATOR_PARTS) + " |")
+    for key in dict.fromkeys(run_key(r) for r in first):
+        sel = [r for r in first if run_key(r) == key]
+        lines.append(f"| {run_name(key)} | " + " | ".join(f"{mean(sel, k):.3g}" for k in GENERATOR_PARTS) + " |")
     return "\n".join(lines)
 
 
@@ -466,9 +472,10 @@ def main() -> None:
               f"{time.perf_counter() - started:.0f} s in all" if not args.table_from else
               f"toy world, from {', '.join(str(p) for p in args.table_from)}")
     text += "\n\n" + paired_table(rows)
-    if generator_table(rows):
-        text += "\n\nThe learned generators' parts (token - e = shared layers' output + free offset; norms):\n\n"
-        text += generator_table(rows)
+    generators = generator_table(rows)
+    if generators:
+        text += ("\n\nThe learned generators' parts (token - e = shared layers' output + free offset; norms):\n\n"
+                 + generators)
     print(header)
     print(text)
     if args.record:
