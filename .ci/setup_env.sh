@@ -8,6 +8,7 @@
 #                        $SEFI_COMFYUI_TARBALLS (default: ../shared/hosts beside the repository), checked against
 #                        its SHA256SUMS; each venv layered on the main one with that host's own requirements.
 #                        A missing or mismatching tarball is skipped and named in $SEFI_CACHE/source-hosts.txt
+#   $SEFI_CACHE/venv-comfy-cli  comfy-cli (the Comfy registry's `comfy node validate`), apart from the test venvs
 #   chromium + chromedriver (Debian packages) for the workflow browser test
 # Idempotent: a finished step leaves a stamp file and is skipped next time.
 set -euo pipefail
@@ -109,6 +110,15 @@ for V in $SOURCE_HOSTS; do
   fi
   echo "$V built $SRC" >> "$CACHE/source-hosts.txt"
 done
+
+# the registry's publish checks run offline; comfy-cli has its own venv (its dependencies stay out of the hosts')
+CLI_VENV="$CACHE/venv-comfy-cli"
+if [ ! -f "$CLI_VENV/.stamp-cli" ]; then
+  rm -rf "$CLI_VENV"
+  "$PY" -m venv "$CLI_VENV"
+  "$CLI_VENV/bin/pip" install -q comfy-cli==1.23.0 ruff==0.17.6
+  touch "$CLI_VENV/.stamp-cli"
+fi
 
 # the browser test drives Debian's chromium (no browser download: only package registries are reachable)
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
