@@ -589,6 +589,70 @@ def _override(p):
     expect(77 in tokens, f"optimized_attention_override was not called for cross-attention (k lengths: {tokens})")
 
 
+def _masked_attention(q, k, v, heads, mask):
+    """softmax(QKᵀ/√d + mask)V, mask (rows, HW, tokens) added for every head."""
+    b, n, inner = q.shape
+    d = inner // heads
+
+    def split(x):
+        return x.reshape(x.shape[0], x.shape[1], heads, d).transpose(1, 2)
+
+    scores = split(q) @ split(k).transpose(-1, -2) * d ** -0.5 + mask[:, None]
+    return (torch.softmax(scores, dim=-1) @ split(v)).transpose(1, 2).reshape(b, n, inner)
+
+
+def _region_call(heads: int = 2):
+    """(q, k, v, pending mask, the masked reference): one cross-attention call whose identity column 1 is masked off
+    for row 0's first two pixels, as attention_patch/regions.py RegionBias builds it."""
+    from sefi_ide.attention_patch.regions import NEG
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, generator=gen)  # 2 rows, 4 pixels, 2 heads of 4
+    k, v = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)  # 5 tokens
+    mask = torch.zeros(2, 4, 5)
+    mask[0, :2, 1] = NEG
+    return q, k, v, mask, _masked_attention(q, k, v, heads, mask)
+
+
+def _region_mask_through_host_dispatch(p):
+    """The host's own optimized_attention, called as its CrossAttention calls it: 0.33 wraps q/k/v in
+    AttentionTensorContainer (0.38 also passes preferred_attention=ComfyAttention()); wrap_attn must hand the pack's
+    override plain tensors and its mask= must reach the kernel."""
+    from comfy.ldm.modules import attention
+    from sefi_ide.attention_patch.regions import RegionAttention
+
+    if not hasattr(attention, "wrap_attn"):
+        _no_region_masks(p)
+        return
+    q, k, v, mask, want = _region_call()
+    ours = RegionAttention()
+    ours.pending = mask
+    container = getattr(attention, "AttentionTensorContainer", None)
+    args = (q, k, v) if container is None else (container(q), container(k), container(v))
+    kwargs: dict = {"transformer_options": {"optimized_attention_override": ours}}
+    if hasattr(attention, "ComfyAttention"):  # 0.38: the layer's own kernel choice rides along
+        kwargs["preferred_attention"] = attention.ComfyAttention()
+    with torch.inference_mode():
+        out = attention.optimized_attention(*args, 2, **kwargs)
+    expect(ours.pending is None and not ours.missed, "the pack's RegionAttention never took its pending mask "
+                                                     f"(q/k/v handed as {type(args[0]).__name__})")
+    expect(_close(out, want), "the region mask did not reach the host's attention kernel through "
+                              "optimized_attention_override (attention_patch/regions.py)")
+
+
+def _pyproject_on_host(p):
+    """nodes.load_custom_node parses the pack's pyproject.toml with comfy_config (all hosts here): the registry id,
+    the publisher, and no [tool.comfy] web (a second web folder under the project name would load the pack's
+    frontend files twice where __init__.py also names one)."""
+    import harness
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(harness.PACK_ROOT))
+    expect(config is not None and config.project.name == "sefi-ide" and config.tool_comfy.publisher_id == "sefi-ide",
+           f"the host read {config!r}")
+    expect(not config.tool_comfy.web, f"[tool.comfy] web = {config.tool_comfy.web!r}")
+
+
 def _clone_is_separate(p):
     import comfy.patcher_extension
 
@@ -899,6 +963,9 @@ BEHAVIOUR = [
     B(_activations_shape, id="transformer_options['activations_shape']"),
     B(_two_part_key, id="transformer_options['patches_replace']['attn2'][(block, id)] + extra_options['n_heads']"),
     B(_override, id="transformer_options['optimized_attention_override'] (0.3.60+)"),
+    B(_pyproject_on_host, id="comfy_config.config_parser.extract_node_configuration reads the pack's pyproject.toml"),
+    B(_region_mask_through_host_dispatch, id="comfy.ldm.modules.attention.wrap_attn hands the override tensors, "
+                                             "mask= reaches the kernel (AttentionTensorContainer from 0.33)"),
     B(_clone_is_separate, id="comfy.model_patcher.ModelPatcher.clone keeps patches and wrappers apart"),
     B(_outer_sample, id="WrappersMP.OUTER_SAMPLE wrapper(executor, *args, **kwargs)"),
     B(_eps_convention, id="comfy.model_base.BaseModel.apply_model returns x0 (eps-model)"),
@@ -957,18 +1024,203 @@ SOURCE = [
      ("comfy.model_management.InterruptProcessingException",), ""),
     ("nodes.py loads NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPINGS", "nodes.py",
      ("module.NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"), ""),
-    ("app/custom_node_manager.py serves example_workflows/", "app/custom_node_manager.py",
-     ("example_workflows", "/api/workflow_templates/"), ""),
+    # up to 0.33 a static route of the whole folder; upstream 0.38 (read) a handler serving the .json files only (our
+    # .jpg cards: nodes/template_cards.py, matched first because custom nodes load before the host adds its routes)
+    ("app/custom_node_manager.py serves example_workflows/ at /api/workflow_templates/<pack>/",
+     "app/custom_node_manager.py",
+     ("example_workflows",
+      ('"/api/workflow_templates/" + module_name', '"/workflow_templates/{module_name}/{filename}"')), ""),
 ]
+# a needle that is a tuple: any one of its forms
+
+
+def _found(needle, text: str) -> bool:
+    return any(form in text for form in (needle if isinstance(needle, tuple) else (needle,)))
 
 
 @pytest.mark.parametrize("name, file, needles, since", SOURCE, ids=[row[0] for row in SOURCE])
 def test_source(name, file, needles, since, comfy_host):
     path = Path(comfy_host) / file
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    missing = [n for n in needles if n not in text]
+    missing = [n for n in needles if not _found(n, text)]
     if not missing:
         return
     if since and _version(host_version()) < _version(since):
         return  # an older host without it: it ignores the key (nothing of the pack depends on it)
     changed(name, f"{file} lacks {missing}" + (f" (present from {since} on)" if since else ""))
+
+
+ORDER = [
+    # (internal, file, what must come before what)
+    (("main.py loads custom nodes before the server adds its own routes (the pack's card route is matched before the "
+      "host's 0.38 template handler, which answers .json only)"),
+     "main.py", ("init_extra_nodes(", ".add_routes()")),
+]
+
+
+@pytest.mark.parametrize("name, file, needles", ORDER, ids=[row[0] for row in ORDER])
+def test_source_order(name, file, needles, comfy_host):
+    text = (Path(comfy_host) / file).read_text(encoding="utf-8")
+    at = [text.find(n) for n in needles]
+    if -1 in at or at != sorted(at):
+        changed(name, f"{file}: {list(zip(needles, at))} (position; -1: absent)")
+
+
+# --- 4. upstream 0.38, read but not run here: faithful stand-ins ----------------------------------------------------
+# Each names the 0.38 behaviour and the upstream file it restates (Comfy-Org/ComfyUI, read as single files; CONTRIBUTING
+# "ComfyUI internals this pack uses"). When CI builds a host that has the behaviour, the real-host rows above cover it.
+
+class _Container:
+    """0.38 comfy/ldm/modules/attention.py AttentionTensorContainer: a tensor taken once."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor: torch.Tensor | None = tensor
+
+    def take(self) -> torch.Tensor:
+        tensor, self.tensor = self.tensor, None
+        if tensor is None:
+            raise RuntimeError("attention tensor container has already been consumed")
+        return tensor
+
+
+def _wrap_attn_0_38(func: Callable) -> Callable:
+    """0.38's wrap_attn dispatch, restated: preferred_attention= is dropped before anything sees it; with q/k/v in
+    containers, an override that has a `container_function` gets the containers, any other override gets the tensors
+    as override(func, q, k, v, heads, ..., transformer_options=, _inside_attn_wrapper=True); without an override, the
+    layer's preferred kernel, else func."""
+    def wrapper(*args, **kwargs):
+        preferred = kwargs.pop("preferred_attention", None)
+        containers = isinstance(args[0], _Container)
+        kwargs["_inside_attn_wrapper"] = True
+        override = kwargs.get("transformer_options", {}).get("optimized_attention_override")
+        if override is not None:
+            if containers and hasattr(override, "container_function"):
+                return override.container_function(*args, **kwargs)
+            if containers:
+                args = tuple(c.take() for c in args[:3]) + args[3:]
+            return override(func, *args, **kwargs)
+        if containers:
+            args = tuple(c.take() for c in args[:3]) + args[3:]
+        if preferred is not None and preferred.function is not None:
+            return preferred.function(*args, **kwargs)
+        return func(*args, **kwargs)
+    return wrapper
+
+
+def test_0_38_region_mask_through_attention_containers():
+    """0.38 CrossAttention: optimized_attention(Container(q), Container(k), Container(v), heads, attn_precision=,
+    preferred_attention=ComfyAttention(), transformer_options=) (comfy/ldm/modules/attention.py). The pack's
+    RegionAttention, chained after another pack's override that has a container_function (as
+    ModelPatcher.set_model_optimized_attention builds one), must show no container_function itself (else the
+    dispatch would skip it and its mask), get tensors, hand the mask on and still call the other override."""
+    from sefi_ide.attention_patch.regions import RegionAttention
+
+    q, k, v, mask, want = _region_call()
+    seen = []
+
+    def kernel(q, k, v, heads, mask=None, attn_precision=None, **kwargs):
+        seen.append((type(q), "preferred_attention" in kwargs))
+        return _masked_attention(q, k, v, heads, torch.zeros(1, 1, 1) if mask is None else mask)
+
+    def other_pack(func, *args, **kwargs):
+        return func(*args, **kwargs)
+    other_pack.container_function = lambda *a, **kw: pytest.fail("the other pack's container_function ran in place "
+                                                                "of the pack's RegionAttention")
+
+    ours = RegionAttention(previous=other_pack)
+    ours.pending = mask
+    attention = _wrap_attn_0_38(kernel)
+    try:
+        out = attention(_Container(q), _Container(k), _Container(v), 2, attn_precision=None,
+                        preferred_attention=SimpleNamespace(function=None),
+                        transformer_options={"optimized_attention_override": ours})
+    except Exception as exc:  # noqa: BLE001 (reported with the internal's name)
+        changed("comfy.ldm.modules.attention.wrap_attn (0.38 stand-in)", f"{type(exc).__name__}: {exc}")
+    if hasattr(ours, "container_function") or ours.pending is not None or seen != [(torch.Tensor, False)]:
+        changed("comfy.ldm.modules.attention.wrap_attn (0.38 stand-in)",
+                f"the pack's override exposes container_function: {hasattr(ours, 'container_function')}; kernel "
+                f"calls (q type, preferred_attention seen): {seen}; mask taken: {ours.pending is None}")
+    if not _close(out, want):
+        changed("comfy.ldm.modules.attention.wrap_attn (0.38 stand-in)", "the region mask did not reach the kernel")
+
+
+def _pack_modules() -> list[str]:
+    """Every module of the pack a user's ComfyUI imports (nodes, host, attention_patch, core), imported."""
+    import pkgutil
+
+    import sefi_ide
+
+    names = []
+    for sub in ("nodes", "host", "attention_patch", "core"):
+        package = importlib.import_module(f"sefi_ide.{sub}")
+        names += [package.__name__] + [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    for name in names:
+        importlib.import_module(name)
+    return [sefi_ide.__name__] + names
+
+
+def test_0_38_clone_passes_fast_disk(comfy_host):
+    """0.38 ModelPatcher.clone(): `class_(model, load_device, offload_device, size, weight_inplace_update=,
+    fast_disk=)` with class_ = type(self) (comfy/model_patcher.py), so a patcher subclass whose __init__ lacks
+    fast_disk breaks on clone(). The pack must hand out only the host's own patcher classes (it clones, never
+    subclasses), or subclasses whose __init__ takes that call."""
+    import comfy.model_patcher
+
+    packs = tuple(_pack_modules())
+    found, todo = [], [comfy.model_patcher.ModelPatcher]
+    while todo:
+        for cls in todo.pop().__subclasses__():
+            todo.append(cls)
+            if cls.__module__.startswith(packs):
+                found.append(cls)
+    for cls in found:
+        try:
+            inspect.signature(cls.__init__).bind(None, "model", "load_device", "offload_device", 0,
+                                                 weight_inplace_update=False, fast_disk=False)
+        except TypeError as exc:
+            changed("comfy.model_patcher.ModelPatcher.clone (0.38 stand-in: fast_disk=)",
+                    f"the pack's {cls.__module__}.{cls.__qualname__} cannot be cloned there: {exc}")
+
+
+def test_0_38_governance_pack_digest():
+    """0.38 app/governance.py: under an organisation's custom-node policy the pack folder is digested before it loads
+    (pack_refusal / pack_digest) and refused if it holds a symlink or compiled bytecode; its entry file is compiled
+    from source (pack_module_spec). The pack as shipped (git's tracked and untracked, not ignored, files) holds
+    neither, and its __init__.py loads through a source-only loader as a package."""
+    import importlib.machinery
+    import importlib.util
+    import subprocess
+
+    import harness
+
+    root = harness.PACK_ROOT
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    files = [root / name for name in listed if name]
+    links = [str(f.relative_to(root)) for f in files if f.is_symlink()]
+    bytecode = [str(f.relative_to(root)) for f in files if f.suffix in (".pyc", ".pyo") or "__pycache__" in f.parts]
+    if links or bytecode:
+        changed("app/governance.py pack_digest (0.38 stand-in)", f"the pack would be refused under a custom-node "
+                                                                 f"policy: symlinks {links}, bytecode {bytecode}")
+
+    class SourceOnly(importlib.machinery.SourceFileLoader):  # governance._SourceOnlyLoader, restated
+        def get_code(self, fullname):
+            path = self.get_filename(fullname)
+            return self.source_to_code(self.get_data(path), path)
+
+    name = f"sefi_governed_{uuid.uuid4().hex[:8]}"
+    entry = str(root / "__init__.py")
+    spec = importlib.util.spec_from_file_location(name, entry, loader=SourceOnly(name, entry))
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        mappings = getattr(module, "NODE_CLASS_MAPPINGS", {})
+    finally:
+        for loaded in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[loaded]
+    if not mappings:
+        changed("app/governance.py pack_module_spec (0.38 stand-in)", "the pack's __init__.py loaded from source "
+                                                                      "gave no NODE_CLASS_MAPPINGS")
