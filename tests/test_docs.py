@@ -88,8 +88,8 @@ def test_the_readme_is_a_front_page():
     intro = text.split("\n## ")[0]
     assert "![" in intro and "docs/workflow.png" in intro
     assert "bash .ci/run" in text and "bash .ci/test" in text
-    assert "Tested on ComfyUI 0.3.52 – 0.28.0; 0.38 read, not run" in text
-    assert "Tested on ComfyUI 0.3.52 – 0.28.0; 0.38 read, not run" in (ROOT / "docs" / "limits.md").read_text()
+    assert "Tested on ComfyUI 0.3.52 – 0.33.0; 0.38 read, not run" in text
+    assert "Tested on ComfyUI 0.3.52 – 0.33.0; 0.38 read, not run" in (ROOT / "docs" / "limits.md").read_text()
 
 
 def _png_size(path: Path) -> tuple[int, int]:
