@@ -297,15 +297,14 @@ def _train_step(backend: TrainingBackend, learners: list[_Learner], ref_context:
             k, v = gen()
             r[enc] = torch.cat([k[stage], (v if settings.kv_split else k)[stage]])
         rows.append(r)
-    # ONE text-encoder call for every identity's K and V rows; SDXL's pooled output: each identity's from its own
-    # first K row (what a call of its own returns), B rows each
+    # ONE text-encoder call for every identity's K and V rows. SDXL's pooled output: every row its own K row's, i.e.
+    # the K token of the row's own stage (rows draw their own timesteps), as sampling gives each step its stage's
     joined = {enc: torch.cat([r[enc] for r in rows]) for enc in rows[0]}
-    if N == 1 or backend.family == "sd1":  # SD1 has no pooled output to keep apart
-        contexts, pooled = backend.target_contexts(joined)
-        pooled_rows = None if pooled is None else pooled.expand(B, -1)
-    else:
-        contexts, pooled = backend.target_contexts(joined, pooled_of=[2 * B * i for i in range(N)])
-        pooled_rows = pooled.repeat_interleave(B, dim=0)
+    if backend.family == "sd1":  # no pooled output
+        contexts, pooled_rows = backend.target_contexts(joined)
+    else:  # identity i's K rows are rows 2·B·i .. 2·B·i + B - 1 of the joined batch (its V rows follow them)
+        contexts, pooled_rows = backend.target_contexts(joined, pooled_of=[2 * B * i + b for i in range(N)
+                                                                           for b in range(B)])
     per_identity = contexts.split(2 * B)
     ctx_k = torch.cat([c[:B] for c in per_identity])
     ctx_v = torch.cat([c[B:] for c in per_identity])

@@ -38,8 +38,9 @@ class UNetProbe:
                     self.handles.append(module.register_forward_pre_hook(self._context(kind)))
 
     def _pre(self, module, args, kwargs):
+        y = kwargs.get("y")  # SDXL: [pooled | size conditioning]
         self.calls.append({"x": args[0].detach().clone(), "t": args[1].detach().clone(), "k": [], "v": [],
-                           "grad": torch.is_grad_enabled()})
+                           "grad": torch.is_grad_enabled(), "y": None if y is None else y.detach().clone()})
 
     def _post(self, module, args, kwargs, output):
         self.calls[-1]["out"] = output.detach().clone()
@@ -122,8 +123,9 @@ def _distinct_start(backend, settings):
     return start, k, v
 
 
-def _host_encoding(clip, rows: dict[str, torch.Tensor] | None) -> torch.Tensor:
-    """The host's own encoding of the reference prompt, with `person` replaced by the given vectors (or not)."""
+def _host_encoding(clip, rows: dict[str, torch.Tensor] | None, pooled: bool = False):
+    """The host's own encoding of the reference prompt, with `person` replaced by the given vectors (or not); with
+    `pooled`, its pooled output (SDXL: OpenCLIP-G's)."""
     tokens = clip.tokenize(REFERENCE_TEXT)
     if rows is not None:
         person = clip.tokenize("person")["l"][0][1][0]
@@ -133,7 +135,8 @@ def _host_encoding(clip, rows: dict[str, torch.Tensor] | None) -> torch.Tensor:
                 i = next(i for i, t in enumerate(chunk) if t[0] == person)
                 chunk[i] = (rows[enc],) + tuple(chunk[i][1:])
     with torch.no_grad():
-        return clip.encode_from_tokens(tokens)[0]
+        cond, pooled_output = clip.encode_from_tokens(tokens, return_pooled=True)
+    return pooled_output[0] if pooled else cond[0]
 
 
 def _train(models, settings, resume=None):
@@ -285,6 +288,26 @@ def test_each_row_gets_its_stages_k_and_v_tokens_at_every_cross_attention_layer_
         for s in range(STAGES):
             assert (entry["k_grad"][s].abs().sum() > 0) == (s in stages), (s, stages)
             assert (entry["v_grad"][s].abs().sum() > 0) == (s in stages and kv_split), (s, stages)
+
+
+def test_sdxl_each_row_gets_the_pooled_output_of_its_own_stages_k_token(sdxl):
+    """Rows draw their own timesteps, so their own stages: each row's `y` starts with the host's pooled output of the
+    prompt with that row's stage K token (as sampling gives each step its stage's), not row 0's."""
+    _, clip, _ = sdxl
+    settings = _settings()
+    _, calls, (_, k, _), z0 = _train(sdxl, settings, resume=_distinct_start)
+    t, _ = _draws(settings, z0)
+    stages = [min(STAGES - 1, int(x) * STAGES // 1000) for x in t]
+    assert len(set(stages)) >= 2, stages  # the seed gives rows in different stages
+    target = next(c for c in calls if c["grad"])
+    B = settings.batch_size
+    y = target["y"][target["y"].shape[0] - B:].float()  # the target rows
+    for r, s in enumerate(stages):
+        expected = _host_encoding(clip, {e: k[e][s] for e in k}, pooled=True).float()
+        torch.testing.assert_close(y[r, :expected.shape[-1]], expected, **CLOSE)
+        other = next(o for o in stages if o != s)  # another stage's pooled output differs: the check tells them apart
+        wrong = _host_encoding(clip, {e: k[e][other] for e in k}, pooled=True).float()
+        assert not torch.allclose(y[r, :expected.shape[-1]], wrong, **CLOSE)
 
 
 @pytest.mark.parametrize("in_batch", [True, False])
