@@ -6,9 +6,12 @@ the same code as the nodes.
     python sefi_batch.py render --checkpoint FILE --identities DIR --jobs FILE.jsonl --out DIR
     both: [--comfyui PATH] [--cpu] [--ray local|auto|ADDRESS] [--workers N]
 
-Every item (a photo, or an identity x job) gets one line in DIR/manifest.jsonl (input, sha256, status, seconds,
-output, error) as soon as it finishes, so a rerun skips what is done and retries what failed, and a killed run
-loses nothing that finished. A bad photo or job is recorded and skipped; it never stops the batch.
+Every item (a photo, or an identity x job) gets one line in DIR/manifest.jsonl (input, sha256, inputs, status,
+seconds, output, error) as soon as it finishes, so a rerun skips what is done and retries what failed, and a killed
+run loses nothing that finished. An item's fingerprint covers everything its result depends on (learn: the photo,
+the training settings, the checkpoint, the identity file format; render: the identity file, the job, the
+checkpoint): a rerun redoes exactly the items whose inputs changed and says why for each item. A bad photo or job is
+recorded and skipped; it never stops the batch.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -41,49 +45,162 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def fingerprint(inputs: dict) -> str:
+    """One sha256 over all of an item's inputs (canonical JSON)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
 class Manifest:
     """JSONL, one line per finished attempt; the last line of an item wins. Appended and flushed line by line."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / MANIFEST
         self.last: dict[str, dict] = {}
+        self._cut_last_line = False
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a killed run: that item simply runs again
-                self.last[entry["input"]] = entry
+            text = self.path.read_text(errors="replace")
+            # a run killed mid-write leaves a last line without its newline: end it before appending, or the next
+            # entry would be glued onto it and lost with it
+            self._cut_last_line = bool(text) and not text.endswith("\n")
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    self._read_line(n, line)
 
-    def finished(self, key: str, sha: str, out_dir: Path) -> bool:
-        entry = self.last.get(key)
-        return bool(entry and entry["status"] == "done" and entry["sha256"] == sha
-                    and (out_dir / entry["output"]).is_file())
+    def _read_line(self, n: int, line: str) -> None:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not JSON (cut by a killed run?); ignored: that item runs again.", self.path, n)
+            return
+        if not isinstance(entry, dict) or not isinstance(entry.get("input"), str):
+            log.warning('%s line %d has no "input" (not written by sefi_batch.py?); ignored. Remove the line, or '
+                        'leave it: it is skipped each time.', self.path, n)
+            return
+        self.last[entry["input"]] = entry
+
+    def why(self, item: Item, out_dir: Path) -> tuple[bool, str]:
+        """(skip?, why): "skipped (already done)" only when the last attempt succeeded with the same fingerprint and
+        its output is still there; else what makes the item run again."""
+        entry = self.last.get(item.key)
+        if entry is None:
+            return False, "new"
+        if entry.get("status") != "done":
+            return False, "retried: failed before"
+        output = entry.get("output")
+        if not isinstance(output, str) or not output or not (out_dir / output).is_file():
+            return False, "redone: output file missing"
+        if entry.get("sha256") == item.sha256:
+            return True, "skipped (already done)"
+        return False, "redone: " + changed_inputs(entry.get("inputs"), item.inputs)
+
+    def is_done(self, item: Item, out_dir: Path) -> bool:
+        return self.why(item, out_dir)[0]
 
     def record(self, entry: dict) -> None:
         self.last[entry["input"]] = entry
         with open(self.path, "a") as f:
+            if self._cut_last_line:
+                f.write("\n")
+                self._cut_last_line = False
             f.write(json.dumps(entry, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
 
+# the words a rerun uses for each input of a fingerprint
+INPUT_NAMES = {"photo": "photo", "settings": "settings", "checkpoint": "checkpoint",
+               "identity_format": "identity file format", "identity": "identity file", "job": "job"}
+
+
+def changed_inputs(before: dict | None, now: dict) -> str:
+    """'settings changed (steps, lr)', 'checkpoint changed', ...: which of the item's inputs differ from the run that
+    made its output."""
+    if not isinstance(before, dict):
+        return "made by an older sefi_batch.py that did not record its settings and checkpoint"
+    parts = []
+    for name, value in now.items():
+        if before.get(name) == value:
+            continue
+        detail = ""
+        if isinstance(value, dict) and isinstance(before.get(name), dict):
+            keys = sorted(k for k in value.keys() | before[name].keys() if value.get(k) != before[name].get(k))
+            detail = f" ({', '.join(keys)})"
+        parts.append(f"{INPUT_NAMES.get(name, name)} changed{detail}")
+    return ", ".join(parts) or "fingerprint changed"
+
+
 @dataclass
 class Item:
-    """One unit of work: `key` names it in the manifest, `sha256` fingerprints its inputs."""
+    """One unit of work: `key` names it in the manifest; `inputs` is everything its result depends on and `sha256`
+    their fingerprint."""
 
     key: str
     sha256: str
     output: str  # file name in the output folder
-    source: str  # the photo (learn) or identity file (render)
+    source: str  # the photo (learn) or identity file (render), an absolute path (Ray workers may run elsewhere)
     placeholder: str = ""
     job: dict | None = None  # render: the job line
     error: str = ""  # known bad before running (e.g. a placeholder collision)
+    inputs: dict = field(default_factory=dict)
+
+
+def make_item(key: str, inputs: dict, output: str, source: Path, **extra) -> Item:
+    return Item(key, fingerprint(inputs), output, str(source), inputs=inputs, **extra)
 
 
 def entry(item: Item, status: str, seconds: float, error: str = "") -> dict:
-    return {"input": item.key, "sha256": item.sha256, "status": status, "seconds": round(seconds, 3),
-            "output": item.output if status == "done" else "", "error": error}
+    return {"input": item.key, "sha256": item.sha256, "inputs": item.inputs, "status": status,
+            "seconds": round(seconds, 3), "output": item.output if status == "done" else "", "error": error}
+
+
+# --- fingerprints ---------------------------------------------------------------------------------------------------
+
+def checkpoint_stamp(checkpoint: Path) -> dict:
+    """The checkpoint as path + size + modification time: hashing gigabytes at every run would cost more than a
+    small batch. Another file, or the same one rewritten (or touched), counts as another checkpoint."""
+    path = checkpoint.expanduser().resolve()
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def normalised_settings(settings: dict) -> dict:
+    """The training settings as the run uses them: every default filled in, whole numbers of float settings as
+    floats, so '{}', '{"steps": 400}' and '{"lr": 5e-3}' are the same settings. The placeholder is left out (each
+    photo's comes from its file name). `resolution` 0 (the family's native size) stays 0: the family is only
+    known once the checkpoint is loaded."""
+    from ..core.settings import TrainSettings
+
+    parsed = TrainSettings(**settings)
+    values = asdict(parsed)
+    for f in fields(TrainSettings):
+        value = values[f.name]
+        if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            values[f.name] = float(value)
+    values["token_option"] = int(parsed.token_option)
+    values.pop("placeholder")
+    return values
+
+
+def parse_settings(text: str) -> dict:
+    """--settings: a JSON object of training settings, checked as the learn node checks them. Raises ValueError or
+    TypeError naming the problem."""
+    from ..core.settings import TrainSettings
+
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc}); give an object such as '{{\"steps\": 400, \"seed\": 0}}'") from None
+    if not isinstance(settings, dict):
+        raise TypeError("give a JSON object such as '{\"steps\": 400, \"seed\": 0}'")
+    known = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {sorted(known)}")
+    parsed = TrainSettings(**settings)
+    # resolution 0 means the family's native size (512 or 1024, known once the checkpoint is loaded): valid here
+    (parsed.with_family_resolution("sd1") if parsed.resolution == 0 else parsed).validate()
+    normalised_settings(settings)  # e.g. a token_option that is no number
+    return settings
 
 
 # --- planning -------------------------------------------------------------------------------------------------------
@@ -94,13 +211,19 @@ def placeholder_for(stem: str) -> str:
     return f"<{name}>" if name else ""
 
 
-def plan_learn(photos: Path) -> list[Item]:
-    """One item per photo, sorted by name; placeholders from file names, collisions and blanks marked as errors."""
+def plan_learn(photos: Path, settings: dict, checkpoint: Path) -> list[Item]:
+    """One item per photo, sorted by name; placeholders from file names, collisions and blanks marked as errors.
+    Each item's inputs: the photo's bytes, the normalised settings, the checkpoint, the identity file format."""
+    from ..core import identity as identity_format
+
     items, seen = [], {}
+    shared = {"settings": normalised_settings(settings), "checkpoint": checkpoint_stamp(checkpoint),
+              "identity_format": identity_format.FORMAT_VERSION}
     photos = photos.expanduser().resolve()  # a relative folder is the caller's, whatever ComfyUI's input folder is
     for path in sorted(p for p in photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file()):
         placeholder = placeholder_for(path.stem)
-        item = Item(path.name, sha256_file(path), f"{placeholder[1:-1]}.safetensors", str(path), placeholder)
+        item = make_item(path.name, {"photo": sha256_file(path), **shared}, f"{placeholder[1:-1]}.safetensors", path,
+                         placeholder=placeholder)
         if not placeholder:
             item.error = f"the file name '{path.name}' gives no usable placeholder; rename the photo"
         elif placeholder in seen:
@@ -111,9 +234,12 @@ def plan_learn(photos: Path) -> list[Item]:
     return items
 
 
-def plan_render(identities: Path, jobs_file: Path) -> list[Item]:
+def plan_render(identities: Path, jobs_file: Path, checkpoint: Path) -> list[Item]:
     """identities x jobs; a job line: {"prompt": "a photo of {id} ...", "negative", "seed", "steps", "cfg",
-    "sampler", "scheduler", "width", "height"} ({id} becomes each identity's placeholder)."""
+    "sampler", "scheduler", "width", "height"} ({id} becomes each identity's placeholder). Each item's inputs: the
+    identity file's bytes, the job (defaults filled in), the checkpoint."""
+    identities = identities.expanduser().resolve()  # the caller's folder, as --photos; Ray workers may run elsewhere
+    stamp = checkpoint_stamp(checkpoint)
     jobs = []
     for n, line in enumerate(jobs_file.read_text().splitlines()):
         if line.strip():
@@ -127,10 +253,11 @@ def plan_render(identities: Path, jobs_file: Path) -> list[Item]:
         for n, job in jobs:
             key = f"{path.name}#{n}"
             if isinstance(job, Exception):
-                items.append(Item(key, sha, "", str(path), error=f"job line {n + 1}: {job}"))
+                items.append(make_item(key, {"identity": sha, "checkpoint": stamp}, "", path,
+                                       error=f"job line {n + 1}: {job}"))
                 continue
-            job_sha = hashlib.sha256((sha + json.dumps(asdict(job), sort_keys=True)).encode()).hexdigest()
-            items.append(Item(key, job_sha, f"{path.stem}__{n:04d}.png", str(path), job=asdict(job)))
+            items.append(make_item(key, {"identity": sha, "job": asdict(job), "checkpoint": stamp},
+                                   f"{path.stem}__{n:04d}.png", path, job=asdict(job)))
     return items
 
 
@@ -148,10 +275,14 @@ class RenderJob:
 
     @classmethod
     def parse(cls, data: dict) -> RenderJob:
+        if not isinstance(data, dict):
+            raise TypeError("a job line is a JSON object such as {\"prompt\": \"a photo of {id}\"}")
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}")
         job = cls(**data)
+        if isinstance(job.cfg, int) and not isinstance(job.cfg, bool):
+            job.cfg = float(job.cfg)  # "cfg": 7 and 7.0 are the same job
         if "{id}" not in job.prompt:
             raise ValueError("the prompt needs {id} where the person goes")
         if job.width % 8 or job.height % 8 or not 64 <= min(job.width, job.height) or max(job.width, job.height) > 4096:
@@ -407,35 +538,58 @@ def _comfyui_folder(explicit: str | None) -> Path:
     return find_comfyui(explicit)
 
 
+def _plan(args: argparse.Namespace) -> tuple[list[Item], tuple, int]:
+    """The items, the workers' extra arguments and the chunk size. Raises ValueError naming a bad argument."""
+    checkpoint = Path(args.checkpoint).expanduser()
+    if not checkpoint.is_file():
+        raise ValueError(f"--checkpoint: no file '{checkpoint}'; give the checkpoint's path")
+    if args.command == "learn":
+        try:
+            settings = parse_settings(args.settings)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--settings: {exc}") from None
+        if not Path(args.photos).expanduser().is_dir():
+            raise ValueError(f"--photos: no folder '{args.photos}'; give the folder that holds the photos")
+        return (plan_learn(Path(args.photos), settings, checkpoint), (settings, args.identities_per_pass),
+                args.identities_per_pass or 4)
+    if not Path(args.identities).expanduser().is_dir():
+        raise ValueError(f"--identities: no folder '{args.identities}'; give the folder of identity files")
+    if not Path(args.jobs).expanduser().is_file():
+        raise ValueError(f"--jobs: no file '{args.jobs}'; give a JSONL file, one job per line")
+    return plan_render(Path(args.identities), Path(args.jobs).expanduser(), checkpoint), (), 1
+
+
+def _sort_out(command: str, items: list[Item], manifest: Manifest, out: Path) -> tuple[list[Item], int]:
+    """Which items run and which are skipped, each with why (printed: one line per item that is not new, then the
+    counts). Returns (to do, number skipped)."""
+    todo, reasons = [], Counter()
+    for item in items:
+        skip, why = manifest.why(item, out)
+        reasons[why] += 1
+        if why != "new":
+            print(f"  {item.key}: {why}")
+        if not skip:
+            todo.append(item)
+    skipped = len(items) - len(todo)
+    runs = ", ".join(f"{n} {why}" for why, n in reasons.items() if why != "skipped (already done)")
+    print(f"{command}: {len(items)} items: {len(todo)} to do{f' ({runs})' if runs else ''}, "
+          f"{skipped} skipped (already done)")
+    return todo, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
         comfyui = str(_comfyui_folder(args.comfyui))
-    except FileNotFoundError as exc:
+        items, extra, batch_size = _plan(args)
+    except (FileNotFoundError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
-    if args.command == "learn":
-        try:
-            settings = json.loads(args.settings)
-            from ..core.settings import TrainSettings
-
-            TrainSettings(**settings).validate()
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            print(f"--settings: {exc}", file=sys.stderr)
-            return 2
-        items = plan_learn(Path(args.photos))
-        extra = (settings, args.identities_per_pass)
-        batch_size = args.identities_per_pass or 4
-    else:
-        items = plan_render(Path(args.identities), Path(args.jobs))
-        extra = ()
-        batch_size = 1
-    todo = [i for i in items if not manifest.finished(i.key, i.sha256, out)]
-    skipped = len(items) - len(todo)
+    todo, skipped = _sort_out(args.command, items, manifest, out)
     counts = {"done": 0, "failed": 0}
     seconds: list[float] = []
     from tqdm import tqdm
@@ -455,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in [i for i in todo if i.error]:  # known bad before any model is loaded
         on_done([entry(item, "failed", 0.0, item.error)])
     runnable = [i for i in todo if not i.error]
-    worker_args = {"checkpoint": str(Path(args.checkpoint).resolve()), "out_dir": str(out.resolve()),
+    worker_args = {"checkpoint": str(Path(args.checkpoint).expanduser().resolve()), "out_dir": str(out.resolve()),
                    "comfyui": comfyui, "cpu": True if args.cpu else None}
     if runnable:
         batches = list(chunks(runnable, batch_size))
@@ -478,7 +632,7 @@ def _export_embeddings(args: argparse.Namespace, comfyui: Path, out: Path, manif
     from ..core.textual_inversion import export_identity_files
 
     folder = Path(args.export_embeddings) if args.export_embeddings else comfyui / "models" / "embeddings"
-    done = [out / i.output for i in items if manifest.finished(i.key, i.sha256, out)]
+    done = [out / i.output for i in items if manifest.is_done(i, out)]
     written, errors = export_identity_files(done, folder, overwrite=args.overwrite_embeddings)
     for error in errors:
         log.warning("embedding not written: %s", error)

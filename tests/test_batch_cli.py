@@ -3,6 +3,8 @@ with ComfyUI as a library (its checkpoint loader, Load Image, samplers) and the 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +248,169 @@ def test_an_identity_file_changed_after_rendering_is_rendered_again(tiny_sd1_pat
     save_identity(changed, ids / "ann.safetensors", overwrite=True)
     assert render() == 0 and "1 done, 0 skipped" in capsys.readouterr().out
     assert (tmp_path / "images" / "ann__0000.png").read_bytes() != first
+
+
+# --- reruns: what is redone, what is skipped, and why (issue 32 item 1) ---------------------------------------------
+
+def _reasons(out: str) -> dict[str, str]:
+    """The per-item lines a run prints before it starts: '  <input>: <why>' (new items print none)."""
+    return dict(line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  "))
+
+
+def _stamps(folder, pattern):
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob(pattern)}
+
+
+@pytest.fixture
+def own_checkpoint(tiny_sd1_path, tmp_path):
+    """A copy of the tiny checkpoint this test may touch (the session's copy is shared)."""
+    import shutil
+
+    copy = tmp_path / "ckpt" / "model.safetensors"
+    copy.parent.mkdir()
+    shutil.copy2(tiny_sd1_path, copy)  # same bytes and modification time, another path
+    return copy
+
+
+def test_a_learn_rerun_redoes_exactly_the_photos_whose_inputs_changed_and_says_why(
+        tiny_sd1_path, own_checkpoint, tmp_path, capsys, monkeypatch):
+    """The fingerprint of a learned identity covers the photo, the settings (normalised), the checkpoint (path, size,
+    modification time) and the identity file format: changing one redoes exactly the photos it touches; a run
+    whose inputs are all the same (settings spelled differently included) skips every photo."""
+    from sefi_ide.cli.batch import main
+    from sefi_ide.core import identity as identity_module
+
+    photos, out = tmp_path / "photos", tmp_path / "ids"
+    photos.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("ann.png", "ben.png"):
+        Image.fromarray((rng.random((72, 72, 3)) * 255).astype("uint8")).save(photos / name)
+    settings = {"steps": 1, "resolution": 64}
+
+    def learn(checkpoint=tiny_sd1_path, **changes) -> dict[str, str]:
+        before = _stamps(out, "*.safetensors")
+        assert main(["learn", "--checkpoint", str(checkpoint), "--photos", str(photos), "--out", str(out),
+                     "--settings", json.dumps({**settings, **changes}), "--identities-per-pass", "1"]) == 0
+        text = capsys.readouterr().out
+        after = _stamps(out, "*.safetensors")
+        rewritten = {name for name in after if before.get(name) != after[name]}
+        return {"why": _reasons(text), "rewritten": rewritten, "text": text}
+
+    both = {"ann.safetensors", "ben.safetensors"}
+    assert learn()["rewritten"] == both
+    run = learn(lr=5e-3, seed=0, token_option=3)  # the defaults spelled out, in another order: the same settings
+    assert run["why"] == {"ann.png": "skipped (already done)", "ben.png": "skipped (already done)"}
+    assert run["rewritten"] == set() and "0 done, 2 skipped (already done)" in run["text"]
+
+    run = learn(steps=2)
+    assert run["why"] == {"ann.png": "redone: settings changed (steps)", "ben.png": "redone: settings changed (steps)"}
+    assert run["rewritten"] == both and "2 done, 0 skipped" in run["text"]
+    settings["steps"] = 2
+
+    Image.fromarray((rng.random((72, 72, 3)) * 255).astype("uint8")).save(photos / "ann.png")  # another photo
+    run = learn()
+    assert run["why"] == {"ann.png": "redone: photo changed", "ben.png": "skipped (already done)"}
+    assert run["rewritten"] == {"ann.safetensors"}
+
+    (out / "ben.safetensors").unlink()
+    run = learn()
+    assert run["why"] == {"ann.png": "skipped (already done)", "ben.png": "redone: output file missing"}
+    assert run["rewritten"] == {"ben.safetensors"}
+
+    run = learn(own_checkpoint)  # the same weights at another path: another checkpoint for all it knows
+    assert set(run["why"].values()) == {"redone: checkpoint changed (path)"} and run["rewritten"] == both
+    stat = own_checkpoint.stat()
+    os.utime(own_checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # rewritten in place
+    run = learn(own_checkpoint)
+    assert set(run["why"].values()) == {"redone: checkpoint changed (mtime_ns)"} and run["rewritten"] == both
+    assert set(learn(own_checkpoint)["why"].values()) == {"skipped (already done)"}
+
+    monkeypatch.setattr(identity_module, "FORMAT_VERSION", identity_module.FORMAT_VERSION + 1)  # a pack update
+    run = learn(own_checkpoint)
+    assert set(run["why"].values()) == {"redone: identity file format changed"} and run["rewritten"] == both
+
+
+def test_a_render_rerun_redoes_exactly_the_images_whose_inputs_changed_and_says_why(
+        sd1, tiny_sd1_path, own_checkpoint, tmp_path, capsys, monkeypatch):
+    """A rendered image's fingerprint covers the identity file, the job (defaults filled in) and the checkpoint;
+    `--identities` relative to the caller's folder is planned as an absolute path (a Ray worker may run
+    elsewhere)."""
+    from helpers import random_identity
+    from sefi_ide.cli.batch import main, plan_render
+    from sefi_ide.core.identity import save_identity
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ids").mkdir()
+    save_identity(random_identity(sd1[1], seed=0, placeholder="<ann>"), tmp_path / "ids" / "ann.safetensors")
+    jobs = tmp_path / "jobs.jsonl"
+    job = {"prompt": "{id} at the beach", "steps": 1, "width": 64, "height": 64}
+
+    def render(lines, checkpoint=tiny_sd1_path) -> dict:
+        jobs.write_text("\n".join(json.dumps(line) for line in lines))
+        before = _stamps(tmp_path / "images", "*.png")
+        assert main(["render", "--checkpoint", str(checkpoint), "--identities", "ids", "--jobs", str(jobs),
+                     "--out", "images"]) == 0
+        after = _stamps(tmp_path / "images", "*.png")
+        return {"why": _reasons(capsys.readouterr().out),
+                "rewritten": {name for name in after if before.get(name) != after[name]}}
+
+    both = {"ann__0000.png", "ann__0001.png"}
+    assert render([job, {**job, "seed": 1}])["rewritten"] == both
+    run = render([{**job, "cfg": 7, "sampler": "euler"}, {"seed": 1, **job}])  # same jobs, spelled differently
+    assert run["why"] == {"ann.safetensors#0": "skipped (already done)", "ann.safetensors#1": "skipped (already done)"}
+    assert run["rewritten"] == set()
+    run = render([job, {**job, "seed": 2}])
+    assert run["why"] == {"ann.safetensors#0": "skipped (already done)",
+                          "ann.safetensors#1": "redone: job changed (seed)"}
+    assert run["rewritten"] == {"ann__0001.png"}
+    run = render([job, {**job, "seed": 2}], own_checkpoint)
+    assert set(run["why"].values()) == {"redone: checkpoint changed (path)"} and run["rewritten"] == both
+    save_identity(random_identity(sd1[1], seed=1, placeholder="<ann>"), tmp_path / "ids" / "ann.safetensors",
+                  overwrite=True)
+    run = render([job, {**job, "seed": 2}], own_checkpoint)
+    assert set(run["why"].values()) == {"redone: identity file changed"} and run["rewritten"] == both
+
+    items = plan_render(Path("ids"), jobs, own_checkpoint)
+    assert {i.source for i in items} == {str((tmp_path / "ids" / "ann.safetensors").resolve())}
+
+
+def test_a_manifest_cut_by_a_killed_run_or_edited_by_hand_is_read_without_losing_lines(tmp_path, caplog):
+    """A last line cut without its newline does not swallow the next entry; a JSON line without "input" is
+    skipped with a warning naming the line."""
+    from sefi_ide.cli.batch import Manifest
+
+    good = {"input": "a.png", "sha256": "1", "status": "done", "output": "a.safetensors"}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps(good) + '\n{"status": "done"}\n[1, 2]\n\n'
+                                             '{"input": "b.png", "sha25')
+    with caplog.at_level("WARNING", logger="sefi_batch"):
+        manifest = Manifest(tmp_path)
+    assert set(manifest.last) == {"a.png"}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any('line 2 has no "input"' in w for w in warnings) and any('line 3 has no "input"' in w for w in warnings)
+    assert any("line 5 is not JSON" in w for w in warnings)
+
+    manifest.record({"input": "c.png", "sha256": "3", "status": "done", "output": "c.safetensors"})
+    lines = (tmp_path / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["input"] == "c.png" and lines[-2] == '{"input": "b.png", "sha25'
+    assert set(Manifest(tmp_path).last) == {"a.png", "c.png"}
+
+
+def test_settings_are_checked_as_the_learn_node_does_and_normalised(comfy_host):
+    from sefi_ide.cli.batch import fingerprint, normalised_settings, parse_settings
+
+    assert parse_settings("{}") == {}  # resolution 0 is the family's native size, not an error
+    with pytest.raises(ValueError, match="unknown settings \\['stepz'\\]"):
+        parse_settings('{"stepz": 3}')
+    with pytest.raises(ValueError, match="steps must be 1..100000"):
+        parse_settings('{"steps": 0}')
+    with pytest.raises(TypeError, match="JSON object"):
+        parse_settings("[1]")
+
+    def print_of(settings: dict) -> str:  # what the manifest compares: the canonical JSON's hash
+        return fingerprint({"settings": normalised_settings(settings)})
+
+    same = print_of({})
+    assert print_of({"steps": 400, "lr": 5e-3, "seed": 0}) == same
+    assert print_of({"placeholder": "<x>", "scale_max": 1.2}) == same  # each photo's placeholder is its own
+    assert print_of({"flip_p": 1}) == print_of({"flip_p": 1.0}) != same
+    assert print_of({"steps": 401}) != same

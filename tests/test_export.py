@@ -324,3 +324,53 @@ def test_export_node_over_http_feeds_clip_text_encode(server):
     for section in info["ExportIDEmbeddingAsTextualInversion"]["input"].values():
         for inp, spec in section.items():
             assert len(spec) > 1 and spec[1].get("tooltip"), inp
+
+
+def _cached_nodes(entry: dict) -> set[str]:
+    """The nodes the host took from its cache instead of running (its 'execution_cached' message)."""
+    return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+
+
+@pytest.mark.server
+def test_export_node_writes_again_when_its_file_was_deleted_or_changed(server):
+    """Issue 32 item 4: the same inputs with the exported file as written are taken from the host's cache; the
+    file deleted or changed makes the host run the export again (every time: the newer hosts' caches keep older
+    results), which rewrites it, or refuses another file when overwrite is off."""
+    from sefi_ide.core.identity import Identity, save_identity
+
+    g = torch.Generator().manual_seed(9)
+    ident = Identity(family="sd1", placeholder="<gus>", init_word="person",
+                     k={"clip_l": torch.randn(5, 768, generator=g) * 0.02},
+                     v={"clip_l": torch.randn(5, 768, generator=g) * 0.02})
+    save_identity(ident, server["base"] / "models" / "sefi_identities" / "gus_rerun.safetensors",
+                  include_generator=False)
+    path = server["base"] / "models" / "embeddings" / "gus_rerun.safetensors"
+
+    def run(overwrite: bool) -> tuple[dict, bool]:
+        graph = {"load": {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": "gus_rerun.safetensors"}},
+                 "export": {"class_type": "ExportIDEmbeddingAsTextualInversion",
+                            "inputs": {"identity": ["load", 0], "name": "gus_rerun", "overwrite": overwrite}}}
+        entry = run_prompt(server, graph)
+        return entry, "export" in _cached_nodes(entry)
+
+    entry, cached = run(True)
+    assert entry["status"]["status_str"] == "success" and not cached, entry["status"]
+    written = path.read_bytes()
+    assert run(True)[1]  # unchanged: nothing to do
+    for _ in range(2):  # deleted, twice: exported again each time
+        path.unlink()
+        entry, cached = run(True)
+        assert entry["status"]["status_str"] == "success" and not cached and path.read_bytes() == written
+        assert run(True)[1]
+    path.write_bytes(b"changed by hand")
+    entry, cached = run(True)
+    assert entry["status"]["status_str"] == "success" and not cached and path.read_bytes() == written
+    assert run(True)[1]
+
+    assert not run(False)[1]  # another input value: runs (the file is the same: kept)
+    assert run(False)[1]
+    path.write_bytes(b"someone else")
+    entry, _ = run(False)
+    assert entry["status"]["status_str"] == "error"  # overwrite off: the other file is reported, not kept silently
+    message = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")["exception_message"]
+    assert "'gus_rerun.safetensors' already exists" in message and path.read_bytes() == b"someone else"
