@@ -63,6 +63,9 @@ METHODS: dict[str, dict | None] = {
     "plain_ti": {"num_stages": 1, "kv_split": False, "attn_lambda": 0.0},
     "init_word": None,
     "words": None,
+    # the attention loss's token options (the default is 3: all 77 maps)
+    "option1": {"token_option": 1},  # the placeholder's map only
+    "option2": {"token_option": 2},  # start .. end of the prompt
     # design alternatives (issue 24 item 5), not in the default run
     "offsets_only": {},  # the generator's shared layers removed: every token = e + its free offset
 }
@@ -76,6 +79,8 @@ DESCRIPTIONS = {
     "init_word": "init word alone (floor: \"person\")",
     "words": "identity in words (ceiling)",
     "offsets_only": "generator without its shared layers (free offsets only)",
+    "option1": "attention loss on the placeholder's map only (option 1)",
+    "option2": "attention loss on the prompt's maps, start to end (option 2)",
 }
 
 
@@ -122,7 +127,7 @@ def generator_parts(identity) -> dict[str, float]:
             "offset_between_slots": norm(offsets - offsets.mean(0))}
 
 
-def load(threads: int | None):
+def load(threads: int | None, trained: Path = toy.TRAINED):
     """(MODEL, CLIP, VAE) of the toy checkpoint (tests/toy_models.py) and the reader."""
     if threads:
         torch.set_num_threads(threads)
@@ -131,7 +136,7 @@ def load(threads: int | None):
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False  # KSampler's per-picture bars would drown the log
-    return (*toy.load_toy(), Reader())
+    return (*toy.load_toy(trained=trained), Reader())
 
 
 def base_settings(args: argparse.Namespace):
@@ -175,10 +180,11 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 for seed in range(args.seeds):
                     images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
                                           args.sample_steps, args.cfg)
-                    for i, (id_score, prompt_score) in enumerate(toy.scores(reader, images, values)):
+                    for i, (id_score, prompt_score, present) in enumerate(toy.scores(reader, images, values)):
                         done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant,
-                                     "prompt": p, "seed": seed, "picture": i, "identity_score": id_score,
-                                     "prompt_score": prompt_score, "attention": attention, "learn_s": learn_s,
+                                     "learn_seed": args.learn_seed, "prompt": p, "seed": seed, "picture": i,
+                                     "identity_score": id_score, "prompt_score": prompt_score,
+                                     "no_subject": float(not present), "attention": attention, "learn_s": learn_s,
                                      "text": text,
                                      # the losses' means over the run: how large λ·L_attn is beside L_LDM
                                      "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn"), **parts})
@@ -264,12 +270,18 @@ def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list
     return paths
 
 
+FRESH = slice(8, 81)  # held-out identities no decision has used: v1's table took 0-7, bench/toy_world.py takes 81-96
+
+
 @functools.cache
 def pool_identities(pool: str) -> list[tuple[str, ...]]:
-    """held_out: split.json's list (the table's identities). trained: the trained identities in a fixed random order,
-    where settings are tuned, so the held-out ones never are."""
+    """held_out: split.json's list (world v1's table used its first 8). fresh: split.json's numbers 8-80, never used
+    for a decision (issue 31's evaluation set; bench/toy_world.py checks the world on 81-96). trained: the trained
+    identities in a fixed random order, where settings are tuned, so the held-out ones never are."""
     if pool == "held_out":
         return held_out_identities()
+    if pool == "fresh":
+        return held_out_identities()[FRESH]
     trained = trained_identities()
     return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
 
@@ -307,14 +319,17 @@ def word_attention(args: argparse.Namespace, model, clip, vae, reader: Reader) -
     return "\n".join(lines)
 
 
+ROW_DEFAULTS = {"learn_seed": 0, "no_subject": float("nan")}  # rows written before these keys existed
+
+
 def mean(rows: list[dict], key: str) -> float:
-    return statistics.fmean(r[key] for r in rows) if rows else float("nan")
+    return statistics.fmean(r.get(key, ROW_DEFAULTS.get(key)) for r in rows) if rows else float("nan")
 
 
 def spread(rows: list[dict], key: str, by: str) -> float:
     """Standard deviation over the groups of `by` of each group's mean of `key` (0 with one group)."""
-    groups = sorted({r[by] for r in rows})
-    means = [mean([r for r in rows if r[by] == g], key) for g in groups]
+    groups = sorted({r.get(by, ROW_DEFAULTS.get(by)) for r in rows})
+    means = [mean([r for r in rows if r.get(by, ROW_DEFAULTS.get(by)) == g], key) for g in groups]
     return statistics.stdev(means) if len(means) > 1 else 0.0
 
 
@@ -330,14 +345,14 @@ def run_name(key: tuple[str, str, str]) -> str:
 
 
 def one_per_identity(rows: list[dict]) -> list[dict]:
-    """Each identity's first picture: the rows that carry a learned run's per-identity values once."""
+    """Each learned run's first picture: the rows that carry a run's per-identity values once (per learning seed)."""
     return [r for r in rows if r["picture"] == 0 and r["prompt"] == 0 and r["seed"] == 0]
 
 
 def table(rows: list[dict], attn_lambda: float) -> str:
     """One row per (variant, method), in the order they were run."""
-    head = ("| method | identity score | ± seeds | ± identities | prompt score | ± seeds | ± identities "
-            "| attention on subject | learning time (s) |")
+    head = ("| method | identity score | ± seeds | ± learning seeds | ± identities | prompt score | ± seeds "
+            "| ± learning seeds | ± identities | no subject drawn | attention on subject | learning time (s) |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for pool, variant, m in dict.fromkeys(run_key(r) for r in rows):
         sel = [r for r in rows if run_key(r) == (pool, variant, m)]
@@ -349,9 +364,11 @@ def table(rows: list[dict], attn_lambda: float) -> str:
         label += "" if pool == "held_out" else f" ({pool} identities)"
         lines.append(
             f"| {label} | {mean(sel, 'identity_score'):.3f} "
-            f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'identity'):.3f} "
+            f"| {spread(sel, 'identity_score', 'seed'):.3f} | {spread(sel, 'identity_score', 'learn_seed'):.3f} "
+            f"| {spread(sel, 'identity_score', 'identity'):.3f} "
             f"| {mean(sel, 'prompt_score'):.3f} | {spread(sel, 'prompt_score', 'seed'):.3f} "
-            f"| {spread(sel, 'prompt_score', 'identity'):.3f} "
+            f"| {spread(sel, 'prompt_score', 'learn_seed'):.3f} | {spread(sel, 'prompt_score', 'identity'):.3f} "
+            f"| {mean(sel, 'no_subject'):.3f} "
             f"| {'-' if math.isnan(attention) else f'{attention:.3f} (area {subject_area(first):.3f})'} "
             f"| {'-' if math.isnan(learn) else f'{learn:.0f}'} |")
     return "\n".join(lines)
@@ -427,8 +444,9 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=4.0)
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    ap.add_argument("--pool", choices=["held_out", "trained"], default="held_out",
-                    help="held_out: the table's identities; trained: where settings are tuned (never the held-out)")
+    ap.add_argument("--pool", choices=["held_out", "fresh", "trained"], default="held_out",
+                    help="held_out: split.json's order (v1's table: the first 8); fresh: held-out numbers 8-80, never "
+                         "used for a decision (v2's evaluation); trained: where settings are tuned")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a TrainSettings field for every learned method, e.g. --set scale_min=1.0 (repeatable)")
     ap.add_argument("--pictures", type=Path, default=None, help="write the docs' pictures into this folder instead")
@@ -437,6 +455,8 @@ def main() -> None:
     ap.add_argument("--picture-identity", type=int, default=0, help="the held-out identity the pictures show")
     ap.add_argument("--variant", default="default", help="a label for this run's rows (--table-from groups by it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--trained", type=Path, default=toy.TRAINED,
+                    help="the toy checkpoint's trained weights (world v2; tools/toy_world/toy_sd1_v1.safetensors: v1)")
     ap.add_argument("--out", type=Path, default=None, help="append every picture's scores here (JSON lines)")
     ap.add_argument("--shard", default="0/1", help="i/n: only identities number i, i+n, ... (parallel processes)")
     ap.add_argument("--table-from", type=Path, nargs="*", default=None,
@@ -453,16 +473,16 @@ def main() -> None:
     args.set = dict(parse_setting(s) for s in args.set)
     started = time.perf_counter()
     if args.pictures:
-        for path in pictures(args, *load(args.threads or None)):
+        for path in pictures(args, *load(args.threads or None, args.trained)):
             print(f"wrote {path}")
         return
     if args.word_attention:
-        print(word_attention(args, *load(args.threads or None)))
+        print(word_attention(args, *load(args.threads or None, args.trained)))
         return
     if args.table_from:
         rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines() if line]
     else:
-        rows = run(args, *load(args.threads or None))
+        rows = run(args, *load(args.threads or None, args.trained))
     text = table(rows, args.attn_lambda)
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     pool = args.pool.replace("_", "-")

@@ -18,29 +18,30 @@ from harness import PACK_ROOT, cache_root
 if str(PACK_ROOT) not in sys.path:
     sys.path.insert(0, str(PACK_ROOT))
 from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
-from tools.toy_world.reader import Reader, agreement
+from tools.toy_world.reader import Reader, agreement, subject_present
 from tools.toy_world.world import caption, sample_scene
 
-TRAINED = PACK_ROOT / "tools" / "toy_world" / "toy_sd1.safetensors"
+TRAINED = PACK_ROOT / "tools" / "toy_world" / "toy_sd1.safetensors"  # world v2 (issue 31)
+TRAINED_V1 = PACK_ROOT / "tools" / "toy_world" / "toy_sd1_v1.safetensors"  # world v1 (issue 24), for its test
 PROBE_PROMPT = "a photo of the face of person, oval face, tan skin, long ginger hair, green eyes, wearing a hat"
 
 
-def toy_checkpoint() -> Path:
+def toy_checkpoint(trained: Path = TRAINED) -> Path:
     """The built toy checkpoint, keyed by the trained file's content (rebuilt when the weights change)."""
     from tools.toy_world import checkpoint
 
-    tag = hashlib.sha256(TRAINED.read_bytes()).hexdigest()[:10]
+    tag = hashlib.sha256(trained.read_bytes()).hexdigest()[:10]
     path = cache_root() / "toy-world" / f"toy-sd1-{tag}.safetensors"
     if not path.exists():
-        checkpoint.build_checkpoint(TRAINED, path)
+        checkpoint.build_checkpoint(trained, path)
     return path
 
 
 def _drop_idle_text_layers(clip) -> int:
-    """Keep only the first of CLIP-L's 12 layers. The toy text encoder is a bag of words: every layer's attention
-    output projection and MLP output are zero, so each layer adds exactly 0 to the residual stream and the context
-    is the same bits with 1 layer or 12 (checked here on a probe prompt; an error if not). Saves ~half of a CPU
-    learning step, which re-encodes the prompt with gradients at every step."""
+    """Keep only the first of CLIP-L's 12 layers. The toy text encoder trains at most that one (v1: none): every
+    other layer's attention output projection and MLP output are zero, so each adds exactly 0 to the residual stream
+    and the context is the same bits with 1 layer or 12 (checked here on a probe prompt; an error if not). Saves
+    ~half of a CPU learning step, which re-encodes the prompt with gradients at every step."""
     encoder = clip.cond_stage_model.clip_l.transformer.text_model.encoder
     with torch.inference_mode():
         before = clip.encode_from_tokens(clip.tokenize(PROBE_PROMPT))
@@ -53,13 +54,13 @@ def _drop_idle_text_layers(clip) -> int:
     return len(layers) - 1
 
 
-def load_toy(drop_idle_text_layers: bool = True):
+def load_toy(drop_idle_text_layers: bool = True, trained: Path = TRAINED):
     """(MODEL, CLIP, VAE) of the toy checkpoint through ComfyUI's checkpoint loader, under inference mode as the host
     loads them; by default without CLIP's 11 idle layers (bit-identical contexts, see `_drop_idle_text_layers`)."""
     import comfy.sd
 
     with torch.inference_mode():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(toy_checkpoint()), output_vae=True,
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(toy_checkpoint(trained)), output_vae=True,
                                                                     output_clip=True)
     if drop_idle_text_layers:
         _drop_idle_text_layers(clip)
@@ -136,11 +137,19 @@ def generate(model, clip, vae, text: str, identity, seed: int, count: int = 1, s
         return vae.decode(out)
 
 
-def scores(reader: Reader, images: torch.Tensor, values: dict[str, str]) -> list[tuple[float, float]]:
-    """(identity score, prompt score) of each picture: the shares of identity and context attributes (those the
-    picture can show) read back as in `values`."""
-    return [(agreement(read, values, list(IDENTITY_ATTRIBUTES)), agreement(read, values, list(CONTEXT_ATTRIBUTES)))
-            for read in reader.read(images)]
+def scores(reader: Reader, images: torch.Tensor, values: dict[str, str]) -> list[tuple[float, float, bool]]:
+    """(identity score, prompt score, subject drawn) of each picture: the shares of identity and context attributes
+    (those the picture can show) read back as in `values`. A picture the reader says shows no head scores 0 for
+    identity (nothing of the subject is drawn) and its expression counts as not drawn."""
+    out = []
+    for read in reader.read(images):
+        if subject_present(read):
+            out.append((agreement(read, values, list(IDENTITY_ATTRIBUTES)),
+                        agreement(read, values, list(CONTEXT_ATTRIBUTES)), True))
+        else:
+            context = [a for a in CONTEXT_ATTRIBUTES if a != "expression"]
+            out.append((0.0, agreement(read, values, context) * len(context) / len(CONTEXT_ATTRIBUTES), False))
+    return out
 
 
 def prompt_text(identity_values_: dict[str, str], context: dict[str, str], identity) -> str:

@@ -29,6 +29,11 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {**IDENTITY_ATTRIBUTES, **CONTEXT_ATTRI
 # The caption starts like the pack's default reference prompt, so "person" is the subject word that a learned
 # placeholder replaces ("a photo of the face of <id>, smiling, ...").
 SUBJECT_PROMPT = "a photo of the face of person"
+# Pictures without a subject (world v2) open with this instead: "a photo of a ball, on the left, at night" or, with
+# nothing but the scene, "a photo, at night". Their captions never say "face" or "person", so those words mean "a
+# head is drawn here" (in v1 they stood in every caption and meant nothing).
+NO_SUBJECT_PROMPT = "a photo"
+OBJECT_ALONE = {"hat": "of a hat", "scarf": "of a scarf", "ball": "of a ball"}
 
 # value -> its caption phrase (hair colour and style merge into one phrase when both are present)
 PHRASES: dict[str, dict[str, str]] = {
@@ -63,6 +68,8 @@ class Scene:
 
     values: dict[str, str]
     jitter: Jitter = field(default_factory=Jitter)
+    subject: bool = True  # False: no head is drawn (world v2); the identity and expression values are unused
+    has_object: bool = True  # False (only without a subject): no hat, scarf or ball either, just the scene
 
     def __post_init__(self) -> None:
         missing = set(ATTRIBUTES) - set(self.values)
@@ -70,6 +77,16 @@ class Scene:
         if missing or unknown:
             raise ValueError(f"scene needs one known value per attribute; missing {sorted(missing)}, "
                              f"unknown {unknown}")
+        if self.subject and not self.has_object:
+            raise ValueError("a scene with a subject always has its object (hat, scarf or ball)")
+
+    @property
+    def shown(self) -> list[str]:
+        """The attributes this scene's picture shows: all of them with a subject (eye colour only with open eyes);
+        without one the scene, and the object and its position when an object is drawn."""
+        if self.subject:
+            return [a for a in ATTRIBUTES if not (a == "eyes" and self.values["expression"] == "closed")]
+        return ["scene", *(("position", "object") if self.has_object else ())]
 
     @property
     def identity(self) -> tuple[str, ...]:
@@ -77,7 +94,7 @@ class Scene:
         return tuple(self.values[a] for a in IDENTITY_ATTRIBUTES)
 
     def __hash__(self) -> int:
-        return hash((tuple(sorted(self.values.items())), self.jitter))
+        return hash((tuple(sorted(self.values.items())), self.jitter, self.subject, self.has_object))
 
 
 def identity_values(identity: tuple[str, ...]) -> dict[str, str]:

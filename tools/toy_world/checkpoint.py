@@ -1,13 +1,12 @@
 """The toy SD1 checkpoint: a small file of trained weights, and a builder that writes the full checkpoint ComfyUI's
 CheckpointLoaderSimple loads as SD1.
 
-Trained (committed, fp16): the slim UNet (unet.py) and, of the text encoder, the token-embedding rows of the world's
-words (tokens.json, plus start/end) and the final LayerNorm. Filled by the builder, deterministically:
+Trained (committed, fp16): the slim UNet (unet.py) and the slim text encoder (text.py: the world's word rows, start
+and end, position embeddings, one contextual layer and the final LayerNorm; world v1's file has rows and the norm
+only). Filled by the builder, deterministically:
 - the UNet's zero padding to SD1's shapes (unet.SlimUNet.shell_state_dict);
-- CLIP-L's 12 layers as identities (every attention output projection and MLP output layer zero, so each residual
-  layer adds nothing), zero position embeddings and zero rows for every other word. The context is then
-  final_layer_norm(row of each token): a bag of words, order-free, with the placeholder's row as the pack's
-  identity injection point;
+- CLIP-L's full shapes around the slim text encoder (text.full_state_dict): its other 11 layers identities (every
+  attention output projection and MLP output layer zero, so each adds nothing), zero rows for every other word;
 - the analytic VAE (vae.py).
 """
 from __future__ import annotations
@@ -19,75 +18,52 @@ from pathlib import Path
 import torch
 
 from . import vae
-from .tokens import END, START, load_token_ids
+from .text import TextConfig, TextEncoder, full_state_dict
+from .tokens import text_token_ids
 from .unet import SlimConfig, SlimUNet
 
-CLIP_LAYERS, CLIP_WIDTH, CLIP_MLP, CLIP_VOCAB, CLIP_POSITIONS = 12, 768, 3072, 49408, 77
+CLIP_LAYERS = 12
 TEXT_PREFIX = "transformer.text_model."
 
 
-def text_state_dict(token_ids: list[int], rows: torch.Tensor, norm_weight: torch.Tensor,
-                    norm_bias: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every weight of ComfyUI's SD1 CLIP-L (keys without `cond_stage_model.`): identity layers, the given rows."""
-    embedding = torch.zeros(CLIP_VOCAB, CLIP_WIDTH)
-    embedding[torch.tensor(token_ids)] = rows.float()
-    out = {f"{TEXT_PREFIX}embeddings.token_embedding.weight": embedding,
-           f"{TEXT_PREFIX}embeddings.position_embedding.weight": torch.zeros(CLIP_POSITIONS, CLIP_WIDTH),
-           f"{TEXT_PREFIX}final_layer_norm.weight": norm_weight.float(),
-           f"{TEXT_PREFIX}final_layer_norm.bias": norm_bias.float()}
-    shapes = {"self_attn.q_proj": (CLIP_WIDTH, CLIP_WIDTH), "self_attn.k_proj": (CLIP_WIDTH, CLIP_WIDTH),
-              "self_attn.v_proj": (CLIP_WIDTH, CLIP_WIDTH), "self_attn.out_proj": (CLIP_WIDTH, CLIP_WIDTH),
-              "mlp.fc1": (CLIP_MLP, CLIP_WIDTH), "mlp.fc2": (CLIP_WIDTH, CLIP_MLP)}
-    for layer in range(CLIP_LAYERS):
-        key = f"{TEXT_PREFIX}encoder.layers.{layer}."
-        for norm in ("layer_norm1", "layer_norm2"):
-            out[f"{key}{norm}.weight"] = torch.ones(CLIP_WIDTH)
-            out[f"{key}{norm}.bias"] = torch.zeros(CLIP_WIDTH)
-        for name, shape in shapes.items():  # all zero: out_proj and fc2 zero make the layer an identity
-            out[f"{key}{name}.weight"] = torch.zeros(shape)
-            out[f"{key}{name}.bias"] = torch.zeros(shape[0])
-    return out
-
-
-def text_token_ids() -> list[int]:
-    """The rows the text encoder trains: start, end, and every world word's id (sorted)."""
-    return sorted({START, END, *load_token_ids().values()})
-
-
-def save_trained(path: Path, unet: SlimUNet, rows: torch.Tensor, norm_weight: torch.Tensor,
-                 norm_bias: torch.Tensor, notes: dict[str, str] | None = None) -> None:
-    """The committed file: fp16 slim-UNet weights and the text rows, the slim config in the metadata."""
+def save_trained(path: Path, unet: SlimUNet, text: TextEncoder, notes: dict[str, str] | None = None) -> None:
+    """The committed file: fp16 slim-UNet and slim text-encoder weights, their configs in the metadata."""
     import safetensors.torch
 
-    tensors = {f"unet.{k}": v.detach().half().contiguous() for k, v in unet.state_dict().items()}
-    tensors["text.rows"] = rows.detach().half().contiguous()
-    tensors["text.final_layer_norm.weight"] = norm_weight.detach().half().contiguous()
-    tensors["text.final_layer_norm.bias"] = norm_bias.detach().half().contiguous()
+    tensors = {f"unet.{k}": v.detach() for k, v in unet.state_dict().items()}
+    tensors.update({f"text.{k}": v for k, v in text.export().items()})
     cfg = unet.cfg
-    metadata = {"slim_config": json.dumps([cfg.width, cfg.time_width, cfg.ff_width]),
-                "token_ids": json.dumps(text_token_ids()), **(notes or {})}
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    metadata = {"slim_config": json.dumps([cfg.width, cfg.time_width, cfg.ff_width, cfg.heads]),
+                "text_config": json.dumps(text.cfg.to_dict()), "token_ids": json.dumps(text_token_ids()),
+                **(notes or {})}
+    safetensors.torch.save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def load_trained(path: Path) -> tuple[SlimUNet, list[int], dict[str, torch.Tensor]]:
-    """(slim UNet in float32, token ids, {'rows', 'norm_weight', 'norm_bias'}) from a trained-weights file."""
+def load_trained(path: Path) -> tuple[SlimUNet, TextEncoder]:
+    """(slim UNet, slim text encoder), float32, from a trained-weights file (world v1 or v2)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    unet = SlimUNet(SlimConfig(*json.loads(meta["slim_config"])))
+    slim = json.loads(meta["slim_config"])
+    if len(slim) == 3:  # world v1: whole heads of 40 channels, the rest of SD1's 8 heads dead
+        slim.append(slim[0] // 40)
+    unet = SlimUNet(SlimConfig(*slim))
     unet.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
-    text = {"rows": tensors["text.rows"], "norm_weight": tensors["text.final_layer_norm.weight"],
-            "norm_bias": tensors["text.final_layer_norm.bias"]}
-    return unet, json.loads(meta["token_ids"]), text
+    text_cfg = TextConfig(**json.loads(meta["text_config"])) if "text_config" in meta else TextConfig.bag_of_words()
+    if json.loads(meta["token_ids"]) != text_token_ids():
+        raise ValueError(f"{path} was trained for other word rows than tokens.json lists")
+    text = TextEncoder.from_export(text_cfg, {k[len("text."):]: v for k, v in tensors.items()
+                                              if k.startswith("text.")})
+    return unet, text
 
 
-def checkpoint_state_dict(unet: SlimUNet, token_ids: list[int], text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def checkpoint_state_dict(unet: SlimUNet, text: TextEncoder) -> dict[str, torch.Tensor]:
     """The full SD1 checkpoint's tensors (fp16), ComfyUI's keys."""
     out = {f"model.diffusion_model.{k}": v for k, v in unet.shell_state_dict().items()}
     out.update({f"cond_stage_model.{k}": v for k, v in
-                text_state_dict(token_ids, text["rows"], text["norm_weight"], text["norm_bias"]).items()})
+                full_state_dict(text.cfg, text.export(), TEXT_PREFIX, CLIP_LAYERS).items()})
     out.update({f"first_stage_model.{k}": v for k, v in vae.vae_state_dict().items()})
     return {k: v.detach().half().contiguous() for k, v in out.items()}
 
@@ -96,10 +72,10 @@ def build_checkpoint(trained: Path, out: Path) -> Path:
     """Write the loadable checkpoint built from a trained-weights file to `out` (atomically); about 290 MB."""
     import safetensors.torch
 
-    unet, token_ids, text = load_trained(trained)
+    unet, text = load_trained(trained)
     tmp = out.with_suffix(".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     # single-key metadata keeps the bytes identical between builds
-    safetensors.torch.save_file(checkpoint_state_dict(unet, token_ids, text), str(tmp), metadata={"format": "pt"})
+    safetensors.torch.save_file(checkpoint_state_dict(unet, text), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out)
     return out

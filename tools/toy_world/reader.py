@@ -6,7 +6,8 @@ version of the picture: every attribute is drawn at the toy VAE's 8 x 8 cell sca
 the reader needs, and a coarse input reads crisp renders and the VAE's blocky pictures alike.
 
 Eye colour cannot be seen when the eyes are closed; `visible` says which attributes a scene shows, and scores count
-only those.
+only those. A picture may show no subject at all (world v2): the `subject` head says whether a head is drawn, and
+`read` reports it beside the attribute values (which mean nothing for a picture without a head).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .render import SIZE
 
 WEIGHTS_PATH = Path(__file__).with_name("reader.safetensors")
 INPUT_SIZE = 32
+SUBJECT = "subject"  # the extra head: is a head drawn at all
+PRESENCE = ("absent", "present")
+HEADS: dict[str, tuple[str, ...]] = {**ATTRIBUTES, SUBJECT: PRESENCE}
 
 
 def visible(values: dict[str, str]) -> list[str]:
@@ -36,7 +40,7 @@ class ReaderNet(nn.Module):
         strides = [1, 2, 1, 2, 2]  # 32 -> 32 -> 16 -> 16 -> 8 -> 4
         self.convs = nn.ModuleList(nn.Conv2d(i, o, 3, s, 1) for i, o, s in zip(widths, widths[1:], strides))
         self.hidden = nn.Linear(64 * 4 * 4, 128)
-        self.heads = nn.ModuleDict({a: nn.Linear(128, len(v)) for a, v in ATTRIBUTES.items()})
+        self.heads = nn.ModuleDict({a: nn.Linear(128, len(v)) for a, v in HEADS.items()})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         for conv in self.convs:
@@ -76,15 +80,21 @@ class Reader:
 
     @torch.no_grad()
     def probabilities(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-        """{attribute: B x values} softmax probabilities."""
+        """{attribute or 'subject': B x values} softmax probabilities."""
         x = to_batch(images)
         parts = [self.net(prepare(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]
-        return {a: torch.cat([p[a] for p in parts]).softmax(-1) for a in ATTRIBUTES}
+        return {a: torch.cat([p[a] for p in parts]).softmax(-1) for a in HEADS}
 
     def read(self, images: np.ndarray | torch.Tensor) -> list[dict[str, str]]:
+        """Each picture's value per attribute, and `subject`: 'present' or 'absent' (no head drawn: its identity and
+        expression values are then guesses, see `subject_present`)."""
         probs = self.probabilities(images)
         n = next(iter(probs.values())).shape[0]
-        return [{a: ATTRIBUTES[a][int(probs[a][i].argmax())] for a in ATTRIBUTES} for i in range(n)]
+        return [{a: HEADS[a][int(probs[a][i].argmax())] for a in HEADS} for i in range(n)]
+
+
+def subject_present(read: dict[str, str]) -> bool:
+    return read[SUBJECT] == "present"
 
 
 def agreement(read: dict[str, str], truth: dict[str, str], attributes: list[str] | None = None) -> float:

@@ -79,23 +79,10 @@ class _Canvas:
         return (self.x >= x0) & (self.x < x1) & (self.y >= y0) & (self.y < y1)
 
 
-def render(scene: Scene, size: int = SIZE) -> Render:
-    """The picture of `scene` and its label map (deterministic: the same scene gives the same bytes)."""
-    v, j = scene.values, scene.jitter
-    c = _Canvas(size)
-    top, bottom, share = SCENES[v["scene"]]
-    c.paint(c.y < SIZE * share, np.clip(np.array(top) * j.brightness, 0, 255), LABELS["background"])
-    c.paint(c.y >= SIZE * share, np.clip(np.array(bottom) * j.brightness, 0, 255), LABELS["background"])
-    if v["scene"] == "night":  # a few stars: detail below the VAE's cell size, background all the same
-        for sx, sy in ((12, 14), (30, 40), (100, 10), (118, 48), (80, 30), (8, 100), (122, 110)):
-            c.paint(c.blob(sx, sy, 1.2, 1.2), (250, 245, 200), LABELS["background"])
-
-    cx, cy = FACE_X[v["position"]] + j.dx, FACE_Y + j.dy
-    fa, fb, power = FACE_SHAPE[v["face"]]
-    fa, fb = fa * j.scale, fb * j.scale
+def _draw_head(c: _Canvas, v: dict[str, str], cx: float, cy: float, fa: float, fb: float, power: float,
+               vol: float) -> None:
+    """The subject: hair, face, mark, eyes and mouth around (cx, cy), face half-axes fa, fb."""
     hair, skin = HAIR[v["hair_colour"]], SKIN[v["skin"]]
-    vol = j.hair_volume
-
     # hair behind the head
     style = v["hair_style"]
     if style == "short":
@@ -146,8 +133,26 @@ def render(scene: Scene, size: int = SIZE) -> Render:
     else:
         c.paint(c.box(cx - 6, my - 1, cx + 6, my + 1.5), LINE, LABELS["mouth"])
 
-    # worn or held object
-    obj = v["object"]
+
+def render(scene: Scene, size: int = SIZE) -> Render:
+    """The picture of `scene` and its label map (deterministic: the same scene gives the same bytes)."""
+    v, j = scene.values, scene.jitter
+    c = _Canvas(size)
+    top, bottom, share = SCENES[v["scene"]]
+    c.paint(c.y < SIZE * share, np.clip(np.array(top) * j.brightness, 0, 255), LABELS["background"])
+    c.paint(c.y >= SIZE * share, np.clip(np.array(bottom) * j.brightness, 0, 255), LABELS["background"])
+    if v["scene"] == "night":  # a few stars: detail below the VAE's cell size, background all the same
+        for sx, sy in ((12, 14), (30, 40), (100, 10), (118, 48), (80, 30), (8, 100), (122, 110)):
+            c.paint(c.blob(sx, sy, 1.2, 1.2), (250, 245, 200), LABELS["background"])
+
+    cx, cy = FACE_X[v["position"]] + j.dx, FACE_Y + j.dy
+    fa, fb, power = FACE_SHAPE[v["face"]]
+    fa, fb = fa * j.scale, fb * j.scale
+    if scene.subject:
+        _draw_head(c, v, cx, cy, fa, fb, power, j.hair_volume)
+
+    # worn or held object (without a subject: the same object alone where the head would be, if any)
+    obj = v["object"] if scene.has_object else None
     if obj == "hat":
         top_y = cy - fb
         c.paint(c.box(cx - fa - 10, top_y - 3, cx + fa + 10, top_y + 4), HAT, LABELS["hat"])
@@ -155,7 +160,7 @@ def render(scene: Scene, size: int = SIZE) -> Render:
     elif obj == "scarf":
         band = c.blob(cx, cy + fb + 3, fa + 5, 7.5, 4.0)
         c.paint(band | c.box(cx + 0.2 * fa, cy + fb + 3, cx + 0.2 * fa + 9, cy + fb + 22), SCARF, LABELS["scarf"])
-    else:  # held towards the middle of the frame
+    elif obj == "ball":  # held towards the middle of the frame
         side = -1 if v["position"] == "right" else 1
         bx, by = cx + side * (fa + 15), cy + fb - 4
         ball = c.blob(bx, by, 11.0, 11.0)

@@ -44,3 +44,8 @@ def tokenize(text: str, ids: dict[str, int] | None = None) -> list[int]:
         raise ValueError(f"caption has {len(words)} tokens, more than {CONTEXT_LENGTH - 2}")
     body = [ids[w] for w in words]
     return [START, *body] + [END] * (CONTEXT_LENGTH - 1 - len(body))
+
+
+def text_token_ids() -> list[int]:
+    """The rows the text encoder trains: start, end, and every world word's id (sorted)."""
+    return sorted({START, END, *load_token_ids().values()})

@@ -17,39 +17,42 @@ import torch.nn.functional as F
 
 from . import degrade
 from .attributes import ATTRIBUTES
-from .reader import WEIGHTS_PATH, Reader, ReaderNet, prepare, visible
+from .reader import HEADS, SUBJECT, WEIGHTS_PATH, Reader, ReaderNet, prepare
 from .render import render
 from .world import held_out_identities, scenes, trained_identities
 
 TRAIN_SEED, VALIDATION_SEED = 1, 2
+NO_SUBJECT = 0.2  # share of pictures without a head (world v2), as the checkpoint trains on
 
 
-def render_set(seed: int, count: int, identities: list[tuple[str, ...]]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
-                                                                                  torch.Tensor]:
-    """Pictures (uint8 B x 3 x H x W), value indices per attribute, and whether eye colour is visible."""
-    pictures, targets, eyes_open = [], {a: [] for a in ATTRIBUTES}, []
-    for scene in scenes(seed, count, identities):
+def render_set(seed: int, count: int, identities: list[tuple[str, ...]], no_subject: float = NO_SUBJECT
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Pictures (uint8 B x 3 x H x W), value indices per head, and per head whether the picture shows it (eye
+    colour with open eyes only; without a subject only the scene and, if drawn, the object and its position)."""
+    pictures, targets, shown = [], {a: [] for a in HEADS}, {a: [] for a in HEADS}
+    for scene in scenes(seed, count, identities, no_subject=no_subject):
         pictures.append(render(scene).image)
         for a, values in ATTRIBUTES.items():
             targets[a].append(values.index(scene.values[a]))
-        eyes_open.append("eyes" in visible(scene.values))
+            shown[a].append(a in scene.shown)
+        targets[SUBJECT].append(int(scene.subject))
+        shown[SUBJECT].append(True)
     images = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous()
-    return images, {a: torch.tensor(t) for a, t in targets.items()}, torch.tensor(eyes_open)
+    return images, {a: torch.tensor(t) for a, t in targets.items()}, {a: torch.tensor(s) for a, s in shown.items()}
 
 
-def loss_of(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], eyes_open: torch.Tensor) -> torch.Tensor:
+def loss_of(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], shown: dict[str, torch.Tensor]
+            ) -> torch.Tensor:
     total = logits["face"].new_zeros(())
-    for a in ATTRIBUTES:
+    for a in HEADS:  # nothing to learn from what a picture does not show (a closed eye's colour, an absent head)
         per_item = F.cross_entropy(logits[a], targets[a], reduction="none")
-        if a == "eyes":  # nothing to learn from a closed eye
-            per_item = per_item * eyes_open
-        total = total + per_item.mean()
+        total = total + (per_item * shown[a]).mean()
     return total
 
 
 def train(steps: int, batch: int, count: int, seed: int = TRAIN_SEED, log: Callable[[str], None] = print) -> ReaderNet:
     torch.manual_seed(seed)
-    images, targets, eyes_open = render_set(seed, count, trained_identities())
+    images, targets, shown = render_set(seed, count, trained_identities())
     # augment at 64 px (4x cheaper than 128 px; the reader looks at 32 px anyway)
     images = F.avg_pool2d(images.float(), 2).round().to(torch.uint8)
     net = ReaderNet()
@@ -60,7 +63,7 @@ def train(steps: int, batch: int, count: int, seed: int = TRAIN_SEED, log: Calla
     for step in range(steps):
         idx = torch.randint(len(images), (batch,), generator=gen)
         x = degrade.random_degradation(images[idx].float() / 255, gen)
-        loss = loss_of(net(prepare(x)), {a: t[idx] for a, t in targets.items()}, eyes_open[idx])
+        loss = loss_of(net(prepare(x)), {a: t[idx] for a, t in targets.items()}, {a: s[idx] for a, s in shown.items()})
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,25 +88,22 @@ DEGRADATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]]
 
 
 def evaluate(reader: Reader, count: int, seed: int = VALIDATION_SEED) -> dict[str, dict[str, float]]:
-    """{degradation: {attribute: accuracy}} on renders of held-out identities."""
-    images, targets, eyes_open = render_set(seed, count, held_out_identities())
+    """{degradation: {head: accuracy}} on renders of held-out identities (each head over the pictures that show it;
+    `subject` over all: a head drawn or not)."""
+    images, targets, shown = render_set(seed, count, held_out_identities())
     x = images.float() / 255
     out = {}
     for name, fn in DEGRADATIONS.items():
         probs = reader.probabilities(fn(x, torch.Generator().manual_seed(seed)))
-        row = {}
-        for a in ATTRIBUTES:
-            hit = probs[a].argmax(-1) == targets[a]
-            row[a] = float(hit[eyes_open].float().mean() if a == "eyes" else hit.float().mean())
-        out[name] = row
+        out[name] = {a: float((probs[a].argmax(-1) == targets[a])[shown[a]].float().mean()) for a in HEADS}
     return out
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
-    head = "| degradation | " + " | ".join(ATTRIBUTES) + " | mean |"
-    lines = [head, "|" + "---|" * (len(ATTRIBUTES) + 2)]
+    head = "| degradation | " + " | ".join(HEADS) + " | mean |"
+    lines = [head, "|" + "---|" * (len(HEADS) + 2)]
     for name, row in results.items():
-        cells = " | ".join(f"{100 * row[a]:.1f}" for a in ATTRIBUTES)
+        cells = " | ".join(f"{100 * row[a]:.1f}" for a in HEADS)
         lines.append(f"| {name} | {cells} | {100 * np.mean(list(row.values())):.1f} |")
     return "\n".join(lines)
 

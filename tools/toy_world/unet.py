@@ -11,7 +11,9 @@ padded network computes exactly what the slim one does, because
   bias is zero;
 - the transformer's LayerNorms run over all 320 channels: the slim model pads to 320 for them (ShellLayerNorm) and
   the padded weights and biases are zero, so inactive channels stay zero;
-- inactive attention heads have zero q/k/v weights: their output is the mean of zero values.
+- attention runs over SD1's 8 heads of 40 channels; the slim model gives each of `heads` heads width/heads active
+  channels (world v2: all 8 heads, 10 channels each at width 80; v1: 2 whole heads, the other 6 dead) at the shell's
+  scale 1/sqrt(40), and a head's unused q/k/v channels are zero, so its scores, and its output, are the same.
 Key names are ComfyUI's (`input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight`, ...), so export is a copy.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ SHELL_CHANNELS = 320  # SD1's model_channels, required by ComfyUI's SD1 detectio
 SHELL_TIME = 4 * SHELL_CHANNELS  # SD1's time-embedding width
 SHELL_FF = 4 * SHELL_CHANNELS  # GEGLU inner width
 HEAD_DIM = 40  # SD1: 8 heads of 40 channels
+SHELL_HEADS = SHELL_CHANNELS // HEAD_DIM
 CONTEXT_DIM = 768
 LATENT_CHANNELS = 4
 
@@ -42,13 +45,21 @@ COMFY_UNET_CONFIG = {
 
 @dataclass(frozen=True)
 class SlimConfig:
-    width: int = 160  # active channels of 320 (multiple of 40: whole heads, whole norm groups)
+    width: int = 160  # active channels of 320 (multiple of 40: whole norm groups)
     time_width: int = 320  # active time-embedding channels of 1280
     ff_width: int = 640  # active GEGLU inner channels of 1280
+    heads: int = SHELL_HEADS  # attention heads in use, width // heads channels each (v1: width // 40, whole heads)
 
     def __post_init__(self) -> None:
         if self.width % 40 or not 0 < self.width <= SHELL_CHANNELS:
             raise ValueError(f"width must be a multiple of 40 up to 320, got {self.width}")
+        if not 0 < self.heads <= SHELL_HEADS or self.width % self.heads or self.width // self.heads > HEAD_DIM:
+            raise ValueError(f"heads must divide width into at most {HEAD_DIM} channels per head, one of "
+                             f"{SHELL_HEADS} shell heads each; got {self.heads} heads for width {self.width}")
+
+    @property
+    def head_width(self) -> int:
+        return self.width // self.heads
         if not 0 < self.time_width <= SHELL_TIME or not 0 < self.ff_width <= SHELL_FF:
             raise ValueError(f"time_width and ff_width must be in 1..1280, got {self.time_width}, {self.ff_width}")
 
@@ -69,6 +80,7 @@ def _role_indices(role: str, cfg: SlimConfig) -> tuple[int, torch.Tensor]:
         "sin": (SHELL_CHANNELS, [(0, SHELL_CHANNELS)]),
         "ctx": (CONTEXT_DIM, [(0, CONTEXT_DIM)]),
         "ch": (SHELL_CHANNELS, [(0, a)]),
+        "heads": (SHELL_CHANNELS, [(h * HEAD_DIM, cfg.head_width) for h in range(cfg.heads)]),  # q/k/v channels
         "cat": (2 * SHELL_CHANNELS, [(0, a), (SHELL_CHANNELS, a)]),  # [h, skip] after the skip concatenation
         "time": (SHELL_TIME, [(0, t)]),
         "ff": (SHELL_FF, [(0, f)]),
@@ -123,23 +135,26 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, width: int, context_dim: int | None) -> None:
+    def __init__(self, cfg: SlimConfig, context_dim: int | None) -> None:
         super().__init__()
+        width = cfg.width
         src, role = (context_dim, "ctx") if context_dim else (width, "ch")
-        self.heads = width // HEAD_DIM
-        self.to_q = _tag(nn.Linear(width, width, bias=False), "ch", "ch")
-        self.to_k = _tag(nn.Linear(src, width, bias=False), "ch", role)
-        self.to_v = _tag(nn.Linear(src, width, bias=False), "ch", role)
-        self.to_out = nn.Sequential(_tag(nn.Linear(width, width), "ch", "ch"), nn.Dropout(0.0))
+        self.heads = cfg.heads
+        self.to_q = _tag(nn.Linear(width, width, bias=False), "heads", "ch")
+        self.to_k = _tag(nn.Linear(src, width, bias=False), "heads", role)
+        self.to_v = _tag(nn.Linear(src, width, bias=False), "heads", role)
+        self.to_out = nn.Sequential(_tag(nn.Linear(width, width), "ch", "heads"), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         src = x if context is None else context
         b, n, _ = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
+            return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(src)), split(self.to_v(src)))
+        # the shell's scale: a head's zero channels add nothing to its scores
+        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(src)), split(self.to_v(src)),
+                                             scale=HEAD_DIM ** -0.5)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -167,9 +182,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: SlimConfig) -> None:
         super().__init__()
         a = cfg.width
-        self.attn1 = CrossAttention(a, None)
+        self.attn1 = CrossAttention(cfg, None)
         self.ff = FeedForward(cfg)
-        self.attn2 = CrossAttention(a, CONTEXT_DIM)
+        self.attn2 = CrossAttention(cfg, CONTEXT_DIM)
         self.norm1, self.norm2, self.norm3 = (_tag(ShellLayerNorm(a), "ch") for _ in range(3))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

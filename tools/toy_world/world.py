@@ -12,6 +12,8 @@ from .attributes import (
     ATTRIBUTES,
     CONTEXT_ATTRIBUTES,
     IDENTITY_ATTRIBUTES,
+    NO_SUBJECT_PROMPT,
+    OBJECT_ALONE,
     PHRASE_ORDER,
     PHRASES,
     SUBJECT_PROMPT,
@@ -71,21 +73,28 @@ def sample_jitter(rng: np.random.Generator) -> Jitter:
 
 
 def sample_scene(rng: np.random.Generator, identity: tuple[str, ...] | None = None,
-                 context: dict[str, str] | None = None) -> Scene:
+                 context: dict[str, str] | None = None, subject: bool = True, has_object: bool = True) -> Scene:
     """A scene with the given identity / context values; anything not given is drawn uniformly from `rng`."""
     values = {a: str(rng.choice(v)) for a, v in ATTRIBUTES.items()}
     if identity is not None:
         values.update(identity_values(identity))
     values.update(context or {})
-    return Scene(values, sample_jitter(rng))
+    return Scene(values, sample_jitter(rng), subject=subject, has_object=has_object or subject)
 
 
-def scenes(seed: int, count: int, identities: list[tuple[str, ...]] | None = None) -> Iterator[Scene]:
-    """`count` scenes from `seed`; identities drawn from `identities` (default: all), contexts uniform."""
+def scenes(seed: int, count: int, identities: list[tuple[str, ...]] | None = None,
+           no_subject: float = 0.0) -> Iterator[Scene]:
+    """`count` scenes from `seed`; identities drawn from `identities` (default: all), contexts uniform. A share
+    `no_subject` of them has no head (half of those an object alone, half just the scene). With no_subject 0 the
+    scenes are those of world v1 for the same seed."""
     rng = np.random.default_rng(seed)
     pool = identities or all_identities()
     for _ in range(count):
-        yield sample_scene(rng, pool[int(rng.integers(len(pool)))])
+        identity = pool[int(rng.integers(len(pool)))]
+        if no_subject and rng.random() < no_subject:
+            yield sample_scene(rng, identity, subject=False, has_object=bool(rng.random() < 0.5))
+        else:
+            yield sample_scene(rng, identity)
 
 
 def all_contexts() -> list[dict[str, str]]:
@@ -110,6 +119,21 @@ def caption(values: dict[str, str], subject: str = SUBJECT_PROMPT, omit: Iterabl
                 parts.append(PHRASES["hair_colour"][colour] if colour else PHRASES["hair_style"][style])
         elif slot not in omit and slot in values:
             parts.append(PHRASES[slot][values[slot]])
+    return ", ".join(parts)
+
+
+def scene_caption(scene: Scene, omit: Iterable[str] = ()) -> str:
+    """The caption of what `scene` shows: `caption` for a scene with a subject; without one "a photo of a ball, on the
+    left, at night" (an object alone: object, position, scene) or "a photo, at night" (just the scene), never
+    "face" or "person". Leaving out the object leaves out its position too ("a photo, at night")."""
+    if scene.subject:
+        return caption(scene.values, omit=omit)
+    omit = set(omit)
+    shown = [a for a in scene.shown if a not in omit and not (a == "position" and "object" in omit)]
+    opening = NO_SUBJECT_PROMPT
+    if "object" in shown:
+        opening = f"{NO_SUBJECT_PROMPT} {OBJECT_ALONE[scene.values['object']]}"
+    parts = [opening] + [PHRASES[a][scene.values[a]] for a in ("position", "scene") if a in shown]
     return ", ".join(parts)
 
 
