@@ -9,7 +9,9 @@ GPU, `CoreModelPatcher = ModelPatcherDynamic`), so `load_checkpoint_guess_config
 Checkpoint does in a server; the same file is also loaded with `disable_dynamic=True` (what `--disable-dynamic-vram`
 gives). On a CPU DynamicVRAM stays off and both loads are ordinary. Per load: whether the MODEL is dynamic, whether
 learning ran on the host's non-dynamic copy (our log line), the fallback warning (`holds inference tensors`), time
-per step after a warm-up, peak device memory; then the learned tokens' largest deviation between the two loads
+per step after a warm-up, peak device memory, the GPU memory once learning has ended (the learning copy released)
+and again after one sampling run on the same MODEL (4 euler steps; both as torch's allocated MiB / the device's used
+MiB, which counts comfy-aimdo's buffers too); then the learned tokens' largest deviation between the two loads
 relative to how far each token moved from the init word. Prints a table and appends rows to bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -102,17 +104,47 @@ def learn(checkpoint: Path, disable_dynamic: bool, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         with torch.inference_mode(), training_scope():
             backend = ComfyTrainingBackend(model, clip, vae, settings)
-            identity = train_identity(backend, image, settings, on_step=on_step).identity
-            base = backend.base_vectors()
+            try:
+                identity = train_identity(backend, image, settings, on_step=on_step).identity
+                base = backend.base_vectors()
+            finally:
+                backend.release()  # as the nodes do when learning ends
     finally:
         logging.getLogger().removeHandler(lines)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    after_learning = gpu_memory()
+    sample_once(model, clip, args.resolution)
+    after_sampling = gpu_memory()
     del model, clip, vae, backend
     mm.unload_all_models()
     mm.soft_empty_cache()
     log = "\n".join(lines.text)
     return {"identity": identity, "base": base, "dynamic": dynamic, "per_step": (stamps[-1] - stamps[WARMUP - 1])
-            / args.steps, "peak_mib": peak, "copy": "non-dynamic copy" in log, "fallback": "holds inference" in log}
+            / args.steps, "peak_mib": peak, "copy": "non-dynamic copy" in log, "fallback": "holds inference" in log,
+            "after_learning": after_learning, "after_sampling": after_sampling}
+
+
+def gpu_memory() -> str:
+    """'torch allocated / device used' in MiB ('-' without a GPU): the device's count includes memory outside torch's
+    allocator (comfy-aimdo's weight buffers) and other processes'."""
+    if not torch.cuda.is_available():
+        return "-"
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return f"{torch.cuda.memory_allocated() / 2**20:.0f} / {(total - free) / 2**20:.0f}"
+
+
+def sample_once(model, clip, resolution: int) -> None:
+    """The next thing a workflow does after learning: one short KSampler-style run on the same MODEL and CLIP."""
+    import comfy.sample
+
+    with torch.inference_mode():
+        positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a person at the beach"))
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
+        noise = comfy.sample.prepare_noise(latent, 0)
+        comfy.sample.sample(model, noise, 4, 5.0, "euler", "normal", positive, negative, latent, seed=0,
+                            disable_pbar=True)
 
 
 def main() -> None:
@@ -145,14 +177,18 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"ComfyUI {host_version}, {device}, DynamicVRAM switched on: {dynamic_on}; {args.arch} SD1, "
           f"{args.resolution} px, {args.steps} steps after {WARMUP}")
-    print(f"{'load':32} {'dynamic':>8} {'our copy':>9} {'fallback':>9} {'s/step':>8} {'peak MiB':>9}")
+    print(f"{'load':32} {'dynamic':>8} {'our copy':>9} {'fallback':>9} {'s/step':>8} {'peak MiB':>9} "
+          f"{'after learning':>15} {'after sampling':>15}")
     rows = []
     for load, r in results.items():
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        print(f"{load:32} {r['dynamic']!s:>8} {r['copy']!s:>9} {r['fallback']!s:>9} {r['per_step']:8.3f} {peak:>9}")
+        print(f"{load:32} {r['dynamic']!s:>8} {r['copy']!s:>9} {r['fallback']!s:>9} {r['per_step']:8.3f} {peak:>9} "
+              f"{r['after_learning']:>15} {r['after_sampling']:>15}")
         rows.append(f"| {datetime.date.today().isoformat()} | {host_version} | {device} | {args.arch}, "
                     f"{args.resolution}, {args.steps} | {load} | {r['dynamic']} | {r['copy']} | {r['fallback']} | "
-                    f"{r['per_step']:.3f} | {peak} | {deviation:.2e} |")
+                    f"{r['per_step']:.3f} | {peak} | {r['after_learning']} | {r['after_sampling']} | "
+                    f"{deviation:.2e} |")
+    print("GPU memory after learning / after sampling: torch allocated MiB / device used MiB")
     print(f"tokens, {second} vs {first}: max |Δ| / moved = {deviation:.2e}")
     if not args.no_record:
         for row in rows:
@@ -165,8 +201,9 @@ def append_row(row: str) -> None:
     lines = path.read_text().rstrip("\n").split("\n")
     if not any(line.startswith(TABLE) for line in lines):
         lines += ["", "## DynamicVRAM: learning on ComfyUI's non-dynamic copy (bench/dynamic_vram.py)", "",
-                  f"{TABLE} dynamic | our copy | fallback warning | s/step | peak MiB | tokens max Δ/moved |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  (f"{TABLE} dynamic | our copy | fallback warning | s/step | peak MiB | GPU MiB after learning "
+                   f"(torch / device) | after sampling | tokens max Δ/moved |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     end = next(i for i, line in enumerate(lines) if line.startswith(TABLE)) + 1
     while end + 1 < len(lines) and lines[end + 1].startswith("|"):
         end += 1

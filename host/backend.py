@@ -52,11 +52,17 @@ def _merge_transformer_options(base: dict, kv_patch, replace: dict, sigma: torch
 
 
 class ComfyTrainingBackend:
-    def __init__(self, model, clip, vae, settings: TrainSettings):
+    """`learning=False`: forward passes only (the heat map); those run on a dynamic (DynamicVRAM) MODEL as sampling
+    does, so no non-dynamic copy is made. Call `release` when learning ends: it lets go of the copy at once."""
+
+    def __init__(self, model, clip, vae, settings: TrainSettings, learning: bool = True):
         import comfy.model_management
         import comfy.model_sampling
 
-        model, clip = learning_copies(model, clip)  # DynamicVRAM: the host's non-dynamic copies (see the module)
+        # DynamicVRAM: non-dynamic copies for this run (host/dynamic_vram.py); else the given objects
+        copies = learning_copies(model, clip) if learning else (model, clip)
+        self._owns_copies = copies[0] is not model or copies[1] is not clip
+        model, clip = copies
         self.family = detect_family(clip, model)
         self.model = model
         self.clip = clip
@@ -95,6 +101,18 @@ class ComfyTrainingBackend:
         self.compute_dtype = model.model.manual_cast_dtype or model.model.get_dtype()
         self.unet = UNetPass(model, layers, checkpointing=settings.gradient_checkpointing)
 
+    def release(self) -> None:
+        """Let go of this run's non-dynamic copies (DynamicVRAM) now, not whenever the backend is collected (an
+        exception's traceback can keep it for long): their host and GPU memory is freed. The backend is unusable
+        afterwards. Nothing happens where it learned on the user's own objects."""
+        if not self._owns_copies:
+            return
+        import comfy.model_management
+
+        self.model = self.clip = self.unet = None
+        self._owns_copies = False
+        comfy.model_management.soft_empty_cache()  # the copy's GPU blocks back to the driver, for DynamicVRAM's use
+
     # --- text -------------------------------------------------------------------------------
     def base_vectors(self) -> dict[str, torch.Tensor]:
         """e: the word embedding of the init word, per text encoder."""
@@ -108,7 +126,7 @@ class ComfyTrainingBackend:
                         pooled_of: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Contexts (n, T, D) for the target prompt with row i injected, in ONE text-encoder call, and the pooled
         output of row 0 (1, D), or of each row in `pooled_of` (len, D) (SDXL: from OpenCLIP-G; the training loop
-        puts each identity's K token first among its rows, so its pooled output comes from the K path). Both stay on
+        asks for every K row's, so each UNet row's pooled output comes from its own stage's K token). Both stay on
         the UNet's device (never through the host's intermediate device: see `host_outputs_on`)."""
         n = next(iter(rows.values())).shape[0]
         variants = [inject(self.target, {self.placeholder: {enc: r[i] for enc, r in rows.items()}}) for i in range(n)]

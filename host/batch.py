@@ -58,6 +58,14 @@ def learn_identities(model, clip, vae, jobs: list[IdentityJob], per_pass: int,
     steps of all chunks. Cancel raises TrainingStopped whose partials hold every identity that started: finished
     ones complete, the running chunk's at their last good state."""
     backend = ComfyTrainingBackend(model, clip, vae, jobs[0].settings)
+    try:
+        return _learn_in_chunks(backend, jobs, per_pass, on_step)
+    finally:
+        backend.release()  # DynamicVRAM: the learning copy goes now, whatever happened
+
+
+def _learn_in_chunks(backend: ComfyTrainingBackend, jobs: list[IdentityJob], per_pass: int,
+                     on_step: Callable[[int, int, dict], None] | None) -> list[TrainResult]:
     if per_pass <= 0:
         per_pass = identities_per_pass(backend.family, jobs[0].settings, torch.device(backend.device), len(jobs))
     steps = jobs[0].settings.steps

@@ -3,10 +3,14 @@
 A dynamic model keeps its weights in host memory and each op casts its weight into a VRAM buffer that is released
 (and may be reused) right after the op. A gradient pass needs the weights it multiplied by until backward: autograd
 would hold views of buffers that are overwritten meanwhile (wrong gradients), and `grad_scope`'s weight aliasing
-never sees the cast copies. So learning runs on the host's own non-dynamic copy of the same checkpoint (the
-"delegate" ComfyUI's samplers use for hooked conditioning, loaded once and kept by the dynamic patcher), with
-`comfy.model_management.in_training` set as core's LoRA trainer sets it. The user's MODEL and CLIP are not touched:
-sampling stays dynamic. Hosts without DynamicVRAM (before 0.16, or off: a CPU, --highvram, --gpu-only, --novram,
+never sees the cast copies. So learning runs on a non-dynamic copy of the same checkpoint, made by the host's own
+`clone(disable_dynamic=True)` (its loader reads the checkpoint once more, the MODEL's and the CLIP's patches are
+kept), with `comfy.model_management.in_training` set as core's LoRA trainer sets it. The copy belongs to one learning
+run and goes when the run releases it (`ComfyTrainingBackend.release`): it is not cached on the user's patcher the
+way `get_non_dynamic_delegate` caches it, where it would stay in host memory for as long as ComfyUI keeps that MODEL,
+and every clone of it (a LoRA strength change, any patch node) would load and keep one more. Forward-only work (the
+heat map) runs on the user's own dynamic MODEL and CLIP. The user's MODEL and CLIP are not touched: sampling stays
+dynamic. Hosts without DynamicVRAM (before 0.16, or off: a CPU, --highvram, --gpu-only, --novram,
 --disable-dynamic-vram) learn on the objects they are given, as before.
 """
 from __future__ import annotations
@@ -30,10 +34,9 @@ def is_dynamic(patcher) -> bool:
 
 
 def _non_dynamic(patcher, what: str):
-    """The host's non-dynamic patcher over the same weights and patches (cached by a dynamic patcher)."""
+    """A non-dynamic patcher over a fresh load of the same checkpoint, with the same patches, for one learning run:
+    `get_non_dynamic_delegate` without its cache on `patcher` (see the module)."""
     try:
-        if hasattr(patcher, "get_non_dynamic_delegate"):
-            return patcher.get_non_dynamic_delegate()
         return patcher.clone(disable_dynamic=True)
     except RuntimeError as exc:  # "Cannot create non-dynamic delegate: cached_patcher_init is not initialized."
         raise SeFiError(f"This {what} streams its weights (ComfyUI's DynamicVRAM) and ComfyUI cannot make the "
@@ -42,7 +45,8 @@ def _non_dynamic(patcher, what: str):
 
 def learning_copies(model, clip):
     """(MODEL, CLIP) whose weights stay ordinary tensors for a whole training step: the given ones where they are
-    not dynamic, else the host's non-dynamic copies (same checkpoint, same LoRA and other weight patches)."""
+    not dynamic, else non-dynamic copies made for this run (same checkpoint, same LoRA and other weight patches),
+    which nothing but the caller holds."""
     if is_dynamic(model):
         model = _non_dynamic(model, "MODEL")
         log.info("[SeFi-IDE] DynamicVRAM: learning on ComfyUI's non-dynamic copy of the model; sampling stays "

@@ -49,7 +49,7 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
     settings = TrainSettings(placeholder=identity.placeholder, init_word=identity.init_word,
                              reference_prompt=trained.get("reference_prompt", TrainSettings.reference_prompt),
                              layers=trained.get("layers", "auto"), num_stages=identity.num_stages)
-    backend = ComfyTrainingBackend(model, clip, vae, settings)
+    backend = ComfyTrainingBackend(model, clip, vae, settings, learning=False)  # forward only: the user's MODEL
     with torch.no_grad():
         z0 = backend.latents(reference)
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)

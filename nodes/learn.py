@@ -90,6 +90,8 @@ def run_training(model, clip, vae, image, settings: TrainSettings, mask=None, re
             if note:
                 logger.info("[SeFi-IDE] Training stopped.%s", note)
             raise stopped.cause from None  # the host's interrupt (or another error) keeps its own type
+        finally:
+            backend.release()  # DynamicVRAM: the learning copy goes now, whatever happened
     return result
 
 

@@ -1,8 +1,16 @@
 """Learning on a ComfyUI with DynamicVRAM (0.16+; on by default on NVIDIA GPUs, off on a CPU): gradient passes run
-on the host's non-dynamic copy of the checkpoint, with `in_training` set; the user's MODEL and CLIP stay as they
-were. On a CPU no patcher is dynamic, so the tests mark clones as dynamic: the host's own `clone(disable_dynamic=
-True)` then reloads the checkpoint as ordinary weights, exactly what happens on a GPU."""
+on a non-dynamic copy of the checkpoint made for the run, with `in_training` set; the user's MODEL and CLIP stay as
+they were. The first test runs the host's REAL dynamic patchers (`ModelPatcherDynamic` from Load Checkpoint's loader,
+DynamicVRAM switched on as main.py does) in a process of its own (tests/dynamic_vram_real.py says how, and the one
+host line it bypasses on a CPU). The in-process tests mark clones of a CPU load as dynamic: the host's own
+`clone(disable_dynamic=True)` then reloads the checkpoint as ordinary weights."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +44,39 @@ def _has_dynamic_vram() -> bool:
     import comfy.model_patcher
 
     return hasattr(comfy.model_patcher.ModelPatcher, "is_dynamic")
+
+
+def _real_dynamic_run(checkpoint: Path) -> dict:
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "dynamic_vram_real.py"), str(checkpoint)],
+                            check=False, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_real_dynamic_patchers_one_copy_per_learning_run_released_when_it_ends_none_for_the_heat_map(
+        comfy_host, tiny_sd1_path):
+    """Load Checkpoint -> learn; a patch node's clone -> learn again; sampling; heat map, on the host's real dynamic
+    patchers: each learning run reads the checkpoint once for the MODEL's copy and once for the CLIP's (clones do not start a
+    cache of their own), no copy outlives its run (by the objects alive and by resident memory), and the heat map
+    reads nothing and runs its passes on the user's own dynamic MODEL."""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        pytest.skip("this ComfyUI predates DynamicVRAM (0.16)")
+    pytest.importorskip("comfy_aimdo")
+    run = _real_dynamic_run(tiny_sd1_path)
+    assert run["classes"] == ["ModelPatcherDynamic"] * 3 and run["dynamic"] == [True] * 3 and run["clone_dynamic"]
+    phases = run["phases"]
+    assert {name: p["reads"] for name, p in phases.items()} == {"learn": 2, "clone": 0, "learn again": 2,
+                                                                "sampling": 0, "heat map": 0}
+    for name, p in phases.items():  # only the user's own UNet and text encoder are left as each node returns
+        assert (p["unets"], p["text_encoders"]) == (1, 1), (name, p)
+    again = phases["learn again"]  # the first run's numbers include one-time costs (autograd, kernels)
+    assert again["rss_peak_mib"] - again["rss_before_mib"] > 0.5 * run["copy_mib"], run  # the copy was there
+    assert again["rss_after_trim_mib"] - again["rss_before_mib"] < 0.5 * run["copy_mib"], run  # and it is gone
+    assert run["heat_map_passes_on_the_users_model"] > 0
+    assert run["tokens_max_diff"] <= 1e-5  # the copy is the checkpoint: the tokens a non-dynamic load learns
 
 
 def test_a_model_that_streams_its_weights_is_learned_on_the_hosts_ordinary_copy_with_the_same_result(sd1):
