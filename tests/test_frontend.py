@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import harness
 import pytest
@@ -60,7 +59,8 @@ def browser():
 
 
 def add_node(b, node_type: str, pos=(200, 260)) -> int:
-    return b.execute_script("""const g = window.app.graph; g.clear();
+    """The node alone on the canvas, selected; ids are never reused (the Vue renderer keys its nodes by id)."""
+    return b.execute_script("""const g = window.app.graph; for (const n of [...g._nodes]) g.remove(n);
         const n = window.LiteGraph.createNode(arguments[0]); n.pos = arguments[1]; g.add(n);
         window.app.canvas.ds.offset = [0, 0]; window.app.canvas.ds.scale = 0.8;
         window.app.canvas.selectNode(n); window.app.canvas.setDirty(true, true); return n.id;""", node_type, pos)
@@ -131,13 +131,20 @@ if (!h || h.innerText.trim() !== arguments[0]) return null;
 const box = h.closest('.node-help-content');
 return {headings: [...box.querySelectorAll('h2')].map(e => e.innerText.trim()),
         images: [...box.querySelectorAll('img')].map(i => i.getAttribute('src'))};"""
+INFO_BUTTON = "return [...document.querySelectorAll(\"button[data-testid='info-button']\")].filter(e => e.offsetParent)"
+LIBRARY_HELP = PINIA + """
+if (pinia._s.get('sidebarTab').activeSidebarTabId !== 'node-library')
+  window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+const help = pinia._s.get('nodeHelp');
+if (help) help.openHelp(pinia._s.get('nodeDef').nodeDefsByName[arguments[0]]);"""
 PICTURES_LOADED = "return [...document.querySelectorAll('.node-help-content img')].every(i => i.complete && i.naturalWidth)"
 
 
 @pytest.mark.smoke
 def test_the_pages_node_info_shows_each_help_page(server, object_info):
     """Select the node, press the selection toolbox's "Node Info" (the newest frontend opens its side panel's Info
-    tab, older ones the node library's help): the rendered page is ours, pictures loaded."""
+    tab, 1.32 the node library's help; 1.25 has no such button: its node library's help store is opened as the
+    library's own help button does): the rendered page is ours, pictures loaded."""
     requests.post(f"{server['url']}/settings/Comfy.TutorialCompleted", json=True, timeout=30)
     b = browser()
     ARTIFACTS.mkdir(exist_ok=True)
@@ -148,10 +155,11 @@ def test_the_pages_node_info_shows_each_help_page(server, object_info):
             add_node(b, name)
             shown = None
             for _ in range(3):  # the button toggles a panel some frontends keep open between nodes
-                buttons = poll(b, "return [...document.querySelectorAll(\"button[aria-label='Node Info']\")]"
-                                  ".filter(e => e.offsetParent)", 10)
-                assert buttons, f"{host_name(server)}: no 'Node Info' button in the selection toolbox"
-                buttons[0].click()
+                buttons = poll(b, INFO_BUTTON, 5)
+                if buttons:
+                    buttons[0].click()
+                else:  # frontend 1.25 (ComfyUI 0.3.52): no Node Info button; its node library's help instead
+                    b.execute_script(LIBRARY_HELP, name)
                 shown = poll(b, HELP_SHOWN, 6, title)
                 if shown:
                     break
@@ -164,3 +172,211 @@ def test_the_pages_node_info_shows_each_help_page(server, object_info):
                 b.save_screenshot(str(ARTIFACTS / "help-LearnIDEmbedding.png"))
     finally:
         b.quit()
+
+
+# --- the Vue node renderer ----------------------------------------------------------------------------------------
+WIDGET_NAME = """const widgetName = w => (w.querySelector('[data-testid="widget-layout-field-label"], label')?.innerText || '').trim();
+"""
+VUE_NODE = WIDGET_NAME + """const el = document.querySelector(`[data-node-id="${arguments[0]}"]`);
+if (!el) return null;
+const widgetsBox = el.querySelector('[data-testid="node-widgets"]');
+return {title: el.querySelector('[data-testid="node-title"]')?.innerText.trim(),
+        widgets: [...el.querySelectorAll('[data-testid="node-widget"]')].map(widgetName),
+        slots: [...el.querySelectorAll('[data-pd-tooltip]')].filter(e => !widgetsBox?.contains(e)
+                 && e.querySelector('[data-testid="slot-connection-dot"]')).map(e => e.innerText.trim())};"""
+HOVER_TARGET = WIDGET_NAME + """const [id, name, kind] = arguments;
+const el = document.querySelector(`[data-node-id="${id}"]`);
+const widgetsBox = el.querySelector('[data-testid="node-widgets"]');
+if (kind === 'widget') {
+  const w = [...el.querySelectorAll('[data-testid="node-widget"]')].find(w => widgetName(w) === name);
+  return w && [...w.querySelectorAll('[data-pd-tooltip]')].find(e => !e.querySelector('[data-testid="slot-connection-dot"]'));
+}
+const slots = [...el.querySelectorAll('[data-pd-tooltip]')].filter(e => !widgetsBox?.contains(e)
+  && e.querySelector('[data-testid="slot-connection-dot"]') && e.innerText.trim() === name);
+return kind === 'output' ? slots.at(-1) : slots[0];  // the outputs follow the inputs (model in, model out)"""
+INTO_VIEW = """const r = arguments[0].getBoundingClientRect(), ds = window.app.canvas.ds;
+if (r.top > 120 && r.bottom < window.innerHeight - 40) return false;
+ds.offset[1] -= (r.top - window.innerHeight / 2) / ds.scale; window.app.canvas.setDirty(true, true); return true;"""
+TOOLTIP_IS = "return [...document.querySelectorAll('.p-tooltip')].some(e => e.innerText.trim().startsWith(arguments[0]))"
+TOOLTIP = "return [...document.querySelectorAll('.p-tooltip')].map(e => e.innerText.trim()).filter(t => t).join(' ')"
+
+
+def is_widget(spec: list) -> bool:
+    typ, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    return (isinstance(typ, list) or typ in WIDGET_TYPES) and not opts.get("forceInput")
+
+
+@pytest.fixture
+def vue_page(server):
+    """A Chromium page with the Vue node renderer on; the setting is put back for the session's other tests."""
+    url = server["url"]
+    requests.post(f"{url}/settings/Comfy.TutorialCompleted", json=True, timeout=30)
+    requests.post(f"{url}/settings/{VUE_SETTING}", json=True, timeout=30)
+    b = browser()
+    try:
+        harness.open_comfyui_page(b, url)
+        registered = b.execute_script(PINIA + f"return !!pinia._s.get('setting').settingsById['{VUE_SETTING}'];")
+        if not registered:
+            pytest.skip(f"{host_name(server)}: its frontend has no '{VUE_SETTING}' setting (the Vue node renderer "
+                        "arrived in frontend 1.27)")
+        yield b
+    finally:
+        b.quit()
+        requests.post(f"{url}/settings/{VUE_SETTING}", json=False, timeout=30)
+
+
+def test_vue_renderer_draws_every_node_with_its_widgets_and_tooltips(server, object_info, vue_page):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    b = vue_page
+    canvas = b.find_element("css selector", "#graph-canvas")
+    for name, info in ours(object_info).items():
+        node_id = add_node(b, name, pos=(150, 160))
+        drawn = poll(b, VUE_NODE, 20, node_id)
+        assert drawn, f"{name}: no Vue node element ({host_name(server)})"
+        assert drawn["title"] == info["display_name"]
+        inputs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        widgets = [n for n in info["input_order"]["required"] + info["input_order"].get("optional", [])
+                   if is_widget(inputs[n])]
+        assert drawn["widgets"] == widgets, f"{name}: widgets drawn {drawn['widgets']}"
+        sockets = [n for n in inputs if n not in widgets] + info["output_name"]
+        assert sorted(drawn["slots"]) == sorted(sockets), f"{name}: slots drawn {drawn['slots']}"
+        hovers = [(n, "widget" if n in widgets else "input", inputs[n][1]["tooltip"]) for n in inputs]
+        hovers += [(n, "output", tip) for n, tip in zip(info["output_name"], info.get("output_tooltips", []))]
+        for label, kind, expected in hovers:
+            target = b.execute_script(HOVER_TARGET, node_id, label, kind)
+            assert target, f"{name}: no {kind} '{label}' drawn"
+            if b.execute_script(INTO_VIEW, target):
+                time.sleep(0.5)  # the canvas moved: the Vue nodes follow on the next frame
+            ActionChains(b).move_to_element(target).perform()
+            shown = poll(b, TOOLTIP_IS, 5, expected)
+            assert shown, f"{name}.{label}: tooltip {b.execute_script(TOOLTIP)!r}, not {expected!r}"
+            ActionChains(b).move_to_element_with_offset(canvas, -100, 100).perform()  # empty canvas: the tooltip goes
+            assert poll(b, "return !document.querySelector('.p-tooltip')", 5), f"{name}.{label}: tooltip stays"
+    b.save_screenshot(str(ARTIFACTS / "vue-node.png"))
+
+
+def test_vue_renderer_loads_and_queues_template_1(server, object_info, vue_page):
+    b = vue_page
+    quick = json.loads((WORKFLOWS / f"{_maker().QUICK_START}.json").read_text())
+    assert b.execute_async_script(harness.LOAD_GRAPH, quick) == "ok"
+    b.execute_script("window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    ids = [n["id"] for n in quick["nodes"]]
+    assert poll(b, "return arguments[0].every(id => document.querySelector(`[data-node-id=\"${id}\"]`))", 20, ids)
+    assert b.execute_script("return [...document.querySelectorAll('.p-dialog')].length") == 0
+
+    face = upload_face(server)
+    before = set(requests.get(f"{server['url']}/history", timeout=30).json())
+    small = _small_ui(quick, object_info, face)
+    small["nodes"] = [{**n, "widgets_values": [*n["widgets_values"]]} for n in small["nodes"]]
+    for n in small["nodes"]:  # a seed of its own: this run must execute, not come from another test's cache
+        if n["type"] == "KSampler":
+            n["widgets_values"][0] = 11
+    assert b.execute_async_script(harness.LOAD_GRAPH, small) == "ok"
+    b.execute_script(PINIA + "pinia._s.get('rightSidePanel')?.closePanel();"
+                     "window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    time.sleep(2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    b.save_screenshot(str(ARTIFACTS / "vue-template-1.png"))  # docs/vue-nodes.png is a copy of it
+    assert b.execute_async_script("const done = arguments[arguments.length - 1];"
+                                  "window.app.queuePrompt(0, 1).then(() => done('ok'), e => done('' + e));") == "ok"
+    entry = wait_for(server, wait_new_prompt(server, before))
+    saved = [o for o in entry["outputs"].values() if o.get("images")]
+    assert saved and all((server["base"] / "output" / i["subfolder"] / i["filename"]).is_file()
+                         for i in saved[0]["images"])
+
+
+def wait_new_prompt(server, before: set, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        new = set(requests.get(f"{server['url']}/history", timeout=30).json()) - before
+        if new:
+            return new.pop()
+        time.sleep(1)
+    raise AssertionError("the prompt queued from the page never reached the history")
+
+
+# --- the subgraph blueprint ---------------------------------------------------------------------------------------
+BLUEPRINT_NAME = BLUEPRINT.stem
+PLACE_BLUEPRINT = PINIA + """const [type, face] = arguments;
+const bp = pinia._s.get('subgraph').getBlueprint(type);  // what the node library's "add" does with a blueprint
+const g = window.app.graph; g.clear();
+const added = window.app.canvas._deserializeItems({nodes: bp.nodes, subgraphs: bp.definitions?.subgraphs},
+                                                  {position: [450, 150]});
+const node = added.nodes.values().next().value;
+const make = (t, pos, values) => { const n = window.LiteGraph.createNode(t); n.pos = pos; g.add(n);
+  for (const [k, v] of Object.entries(values)) n.widgets.find(w => w.name === k).value = v; return n; };
+const ckpt = make('CheckpointLoaderSimple', [0, 100], {ckpt_name: 'tiny-sd1.safetensors'});
+const photo = make('LoadImage', [0, 300], {image: face});
+const images = make('SaveImage', [900, 100], {filename_prefix: 'sefi/blueprint'});
+const keep = make('SaveIDEmbedding', [900, 450], {filename: 'blueprint_person', overwrite: true});
+[0, 1, 2].forEach(i => ckpt.connect(i, node, i));
+photo.connect(0, node, 3);
+node.connect(0, images, 0);
+node.connect(1, keep, 0);
+node.widgets.find(w => w.name === 'steps').value = 1;
+node.widgets.find(w => w.name === 'seed').value = 12;
+const inner = t => node.subgraph.nodes.find(n => n.type === t);
+for (const w of inner('EmptyLatentImage').widgets) if (['width', 'height'].includes(w.name)) w.value = 64;
+inner('KSampler').widgets.find(w => w.name === 'steps').value = 2;
+return {type: node.type, title: node.title, inputs: node.inputs.map(i => i.name),
+        outputs: node.outputs.map(o => o.name), widgets: (node.widgets || []).map(w => w.name)};"""
+
+
+def test_the_blueprint_file_is_a_frontend_subgraph():
+    """The layout the frontend's blueprint loader reads: one node whose type is the id of the one subgraph defined."""
+    bp = json.loads(BLUEPRINT.read_text())
+    (node,) = bp["nodes"]
+    (subgraph,) = bp["definitions"]["subgraphs"]
+    assert node["type"] == subgraph["id"] and subgraph["name"] == BLUEPRINT_NAME
+    assert [i["name"] for i in subgraph["inputs"]] == [i["name"] for i in node["inputs"]]
+    assert {n["type"] for n in subgraph["nodes"]} >= {"LearnIDEmbedding", "ApplyPerStageIDTokens", "KSampler"}
+
+
+def test_the_blueprint_is_listed_loaded_as_a_node_and_runs(server):
+    listing = requests.get(f"{server['url']}/global_subgraphs", timeout=30)
+    if listing.status_code == 404:
+        pytest.skip(f"{host_name(server)} has no /global_subgraphs (app/subgraph_manager.py): it does not load "
+                    "subgraph blueprints from packs")
+    entries = {k: v for k, v in listing.json().items() if v["info"]["node_pack"] == f"custom_nodes.{PACK_DIR}"}
+    assert [v["name"] for v in entries.values()] == [BLUEPRINT_NAME], entries
+    (entry_id,) = entries
+    served = requests.get(f"{server['url']}/global_subgraphs/{entry_id}", timeout=30).json()
+    assert served["source"] == "custom_node" and served["data"] == BLUEPRINT.read_text()
+
+    requests.post(f"{server['url']}/settings/Comfy.TutorialCompleted", json=True, timeout=30)
+    face = upload_face(server)
+    b = browser()
+    try:
+        harness.open_comfyui_page(b, server["url"])
+        definition = poll(b, PINIA + "const d = [...pinia._s.get('subgraph').subgraphBlueprints]"
+                                     ".find(d => d.display_name === arguments[0] && d.python_module === 'blueprint');"
+                                     "return d && {type: d.name, module: d.python_module, name: d.display_name, "
+                                     "description: d.description, category: d.category};", 20, BLUEPRINT_NAME)
+        assert definition, f"the page did not load the blueprint ({host_name(server)})"
+        bp = json.loads(BLUEPRINT.read_text())
+        node_type = definition.pop("type")  # SubgraphBlueprint.<the server's id of the file>
+        assert node_type == f"SubgraphBlueprint.{entry_id}"
+        assert definition == {"module": "blueprint", "name": BLUEPRINT_NAME, "category": "Subgraph Blueprints",
+                              "description": bp["extra"]["BlueprintDescription"]}
+        placed = b.execute_script(PLACE_BLUEPRINT, node_type, face)
+        assert placed["inputs"] == ["model", "clip", "vae", "face_photo", "placeholder", "steps", "prompt",
+                                    "negative", "seed"]
+        assert placed["outputs"] == ["images", "identity"]
+        assert {"placeholder", "steps", "prompt", "negative", "seed"} <= set(placed["widgets"])
+        time.sleep(1)
+        b.save_screenshot(str(ARTIFACTS / "blueprint.png"))
+        before = set(requests.get(f"{server['url']}/history", timeout=30).json())
+        assert b.execute_async_script("const done = arguments[arguments.length - 1];"
+                                      "window.app.queuePrompt(0, 1).then(() => done('ok'), e => done('' + e));") == "ok"
+        entry = wait_for(server, wait_new_prompt(server, before))
+    finally:
+        b.quit()
+    prompt = entry["prompt"][2]  # what the page sent: the subgraph expanded into the pack's and core nodes
+    assert {n["class_type"] for n in prompt.values()} >= {"LearnIDEmbedding", "ApplyPerStageIDTokens", "KSampler",
+                                                          "VAEDecode", "SaveImage", "SaveIDEmbedding"}
+    learn = next(n for n in prompt.values() if n["class_type"] == "LearnIDEmbedding")
+    assert learn["inputs"]["steps"] == 1  # the blueprint node's widget reached the node inside
+    images = [i for o in entry["outputs"].values() for i in o.get("images", [])]
+    assert images and all((server["base"] / "output" / i["subfolder"] / i["filename"]).is_file() for i in images)
+    assert (server["base"] / "models" / "sefi_identities" / "blueprint_person.safetensors").is_file()
