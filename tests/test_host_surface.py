@@ -86,9 +86,14 @@ S = Sig
 SIGNATURES = [
     # comfy.model_patcher: the MODEL
     S("comfy.model_patcher.ModelPatcher.clone", "()"),
+    # DynamicVRAM (host/dynamic_vram.py): a dynamic MODEL, and a CLIP whose patcher is dynamic, are learned on
+    # `.clone(disable_dynamic=True)` of the MODEL and of CLIP.patcher (a ModelPatcherDynamic on those hosts; on a CPU
+    # the plain ModelPatcher); the CLIP around the copy is CLIP.clone() with .patcher / .cond_stage_model set
     S("comfy.model_patcher.ModelPatcher.clone [disable_dynamic]", "(*, disable_dynamic)", "0.16", _no_dynamic),
+    S("comfy.model_patcher.ModelPatcherDynamic.clone [disable_dynamic]", "(*, disable_dynamic)", "0.16", _no_dynamic),
+    S("comfy.sd.CLIP.patcher.clone [disable_dynamic]", "(*, disable_dynamic)", "0.16", _no_dynamic),
     S("comfy.model_patcher.ModelPatcher.is_dynamic", "()", "0.16", _no_dynamic),
-    S("comfy.model_patcher.ModelPatcherDynamic.get_non_dynamic_delegate", "()", "0.16", _no_dynamic),
+    S("comfy.model_patcher.ModelPatcherDynamic.is_dynamic", "()", "0.16", _no_dynamic),
     S("comfy.model_patcher.ModelPatcher.set_model_attn2_patch", "(patch)"),
     S("comfy.model_patcher.ModelPatcher.add_wrapper_with_key", "(wrapper_type, key, wrapper)"),
     S("comfy.model_patcher.ModelPatcher.get_model_object", "(name)"),
@@ -942,6 +947,60 @@ def _dynamic_off_on_cpu(p):
     _no_dynamic(p)
 
 
+def _non_dynamic_copies(p):
+    """host/dynamic_vram.py's calls on a MODEL and a CLIP that report themselves dynamic (clones of the CPU load
+    marked so, as a ModelPatcherDynamic answers on a GPU; the real dynamic patchers: tests/test_dynamic_vram.py):
+    `clone(disable_dynamic=True)` re-runs the loader the checkpoint loader registered and gives an ordinary patcher
+    over a fresh module with the same weights, patches and model options; without that registration it raises the
+    RuntimeError the pack turns into its message; the CLIP rebuilt the pack's way encodes as the user's."""
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher.ModelPatcher, "is_dynamic"):  # before 0.16: learned as given
+        _no_dynamic(p)
+        return
+    model, clip, _ = p.sd1
+    with torch.inference_mode():
+        dynamic = model.clone()
+        dynamic.is_dynamic = lambda: True
+        key = next(iter(dynamic.model.state_dict()))
+        dynamic.add_patches({key: (torch.zeros(()),)}, 0.5)  # a LoRA-like weight patch
+        dynamic.model_options["sefi_surface_probe"] = 1
+        copy = dynamic.clone(disable_dynamic=True)
+        expect(type(copy) is comfy.model_patcher.ModelPatcher and not copy.is_dynamic(),
+               f"MODEL.clone(disable_dynamic=True) of a dynamic patcher is a {type(copy).__name__} with is_dynamic() "
+               f"{copy.is_dynamic()}, not an ordinary ModelPatcher")
+        expect(copy.model is not model.model and type(copy.model) is type(model.model),
+               "MODEL.clone(disable_dynamic=True) did not load a module of its own (the pack would learn on the "
+               "user's dynamic one)")
+        weights, user = copy.model.state_dict(), model.model.state_dict()
+        expect(weights.keys() == user.keys() and all(torch.equal(weights[k], user[k]) for k in user),
+               "MODEL.clone(disable_dynamic=True) loaded other weights than the checkpoint's")
+        expect(set(copy.patches) == set(dynamic.patches) == {key} and copy.model_options.get("sefi_surface_probe"),
+               "MODEL.clone(disable_dynamic=True) dropped the MODEL's weight patches or model options")
+        unregistered = model.clone()
+        unregistered.is_dynamic = lambda: True
+        unregistered.cached_patcher_init = None  # a custom loader that registers no reload factory
+        try:
+            unregistered.clone(disable_dynamic=True)
+        except RuntimeError:
+            pass  # host/dynamic_vram.py _non_dynamic: caught, refused with the fix
+        else:
+            raise AssertionError("clone(disable_dynamic=True) without cached_patcher_init did not raise RuntimeError")
+
+        patcher = clip.patcher.clone()
+        patcher.is_dynamic = lambda: True
+        text = patcher.clone(disable_dynamic=True)
+        expect(not text.is_dynamic() and text.model is not clip.cond_stage_model
+               and type(text.model) is type(clip.cond_stage_model),
+               "CLIP.patcher.clone(disable_dynamic=True) gave no ordinary patcher over a text encoder of its own")
+        rebuilt = clip.clone()
+        rebuilt.patcher, rebuilt.cond_stage_model = text, text.model  # host/dynamic_vram.py learning_copies
+        tokens = clip.tokenize("a photo of a person")
+        mine, theirs = rebuilt.encode_from_tokens(tokens), clip.encode_from_tokens(tokens)
+        expect(_close(mine, theirs), "the CLIP on CLIP.patcher.clone(disable_dynamic=True)'s module encodes "
+                                     "otherwise than the user's")
+
+
 def _comfy_folder(p):
     import comfy
 
@@ -994,6 +1053,8 @@ BEHAVIOUR = [
     B(_compile_key, id="comfy_api.torch_helpers.torch_compile.COMPILE_KEY = the pack's"),
     B(_clip_patcher_model, id="comfy.sd.CLIP.patcher.model is cond_stage_model"),
     B(_dynamic_off_on_cpu, id="comfy.model_patcher.ModelPatcher.is_dynamic False on a CPU (0.16+)"),
+    B(_non_dynamic_copies, id="comfy.model_patcher.ModelPatcher.clone(disable_dynamic=True) of a dynamic MODEL and "
+                              "CLIP.patcher: a fresh ordinary load, patches kept (0.16+)"),
     B(_comfy_folder, id="comfy package beside main.py (cli/bootstrap.py find_comfyui)"),
 ]
 
