@@ -79,8 +79,9 @@ def test_both_identities_share_each_unet_pass(sd1):
 
 
 def test_sdxl_identities_share_one_text_encoder_call_and_each_keeps_its_own_pooled_output(sdxl):
-    """SDXL's pooled output (the UNet's `y`) is each identity's own, from its first K row: read from the one call
-    for all identities, it equals what a call of its own returns."""
+    """SDXL's pooled output (the UNet's `y`) is each identity's own: every UNet row gets the pooled output of its
+    own K row, the K token of that row's stage (core/training.py `_train_step`, `pooled_of`). Read from the one call
+    for all identities, a K row's pooled output equals what a call of its own returns."""
     from helpers import close
     from sefi_ide.core.training import train_identities
     from sefi_ide.host.grad_scope import training_scope
