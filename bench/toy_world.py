@@ -44,7 +44,7 @@ from tools.toy_world.tokens import load_token_ids, tokenize
 from tools.toy_world.world import caption, held_out_identities, sample_scene, scene_caption
 
 STAGES = 5
-DEAD = 1e-4  # a head whose maps stay within this of 1/77 everywhere is dead (zero q or k)
+DEAD = toy.DEAD_HEAD
 
 
 def check_identities(count: int) -> list[tuple[str, ...]]:
@@ -81,35 +81,6 @@ def generated_presence(model, clip, vae, reader: Reader, count: int) -> str:
     return "| captions | pictures | read as showing a head |\n|---|---|---|\n" + "\n".join(rows)
 
 
-def prompt_maps(model, clip, vae, photo: torch.Tensor, text: str) -> tuple[list[torch.Tensor], int]:
-    """Per stage middle timestep, per cross-attention layer: the maps (heads, HW, 77) of `text` over the photo."""
-    from sefi_ide.core.settings import TrainSettings
-    from sefi_ide.core.stages import stage_timestep_range
-    from sefi_ide.host.backend import ComfyTrainingBackend
-    from sefi_ide.host.grad_scope import training_scope
-
-    with training_scope(), torch.no_grad():
-        backend = ComfyTrainingBackend(model, clip, vae, TrainSettings(resolution=128, placeholder=toy.PLACEHOLDER,
-                                                                       layers="all", num_stages=STAGES))
-        reference = photo.permute(0, 3, 1, 2)
-        z0 = backend.latents(reference)
-        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
-        context = clip.encode_from_tokens(clip.tokenize(text)).to(z0)
-        maps = []
-        for s in range(STAGES):
-            lo, hi = stage_timestep_range(s, STAGES)
-            _, layer_maps = backend.predict_noise(z0, eps, torch.tensor([(lo + hi) // 2]), context, context,
-                                                  capture=True)
-            maps.append([m.float().cpu() for m in layer_maps])
-    return maps, len(maps[0])
-
-
-def head_liveness(maps: list[list[torch.Tensor]]) -> torch.Tensor:
-    """(layers, heads): each head's largest distance from the uniform 1/77, over stages, pixels and tokens."""
-    return torch.stack([torch.stack([(m - 1 / m.shape[-1]).abs().amax((1, 2)) for m in stage])
-                        for stage in maps]).amax(0)
-
-
 def heads_and_words(model, clip, vae, identities) -> str:
     ids = load_token_ids()
     liveness, area = [], []
@@ -118,33 +89,22 @@ def heads_and_words(model, clip, vae, identities) -> str:
         scene = toy.photo_scene(identity)
         picture = render(scene)
         photo = toy.image_tensor(picture.image)
-        inside = torch.from_numpy(picture.subject_mask.astype(np.float32))
-        area.append(float(inside.mean()))
+        area.append(float(picture.subject_mask.mean()))
         prompts = {"reference prompt": SUBJECT_PROMPT, "full caption": caption(scene.values)}
         for label, text in prompts.items():
-            maps, _ = prompt_maps(model, clip, vae, photo, text)
-            live = head_liveness(maps)
+            maps = toy.prompt_maps(model, clip, vae, photo, text, STAGES)
             if label == "reference prompt":
-                liveness.append(live)
+                liveness.append(toy.head_liveness(maps))
             tokens = tokenize(text, ids)
             chosen = {"subject word": "face", "subject word ": "person"}  # (a key per word)
             if label == "full caption":  # every value is named by its own word
                 chosen |= {a: scene.values[a] for a in (*IDENTITY_ATTRIBUTES, *CONTEXT_ATTRIBUTES)}
             for kind, word in chosen.items():
-                index = tokens.index(ids[word])
-                mass, share = [], []
-                for stage in maps:
-                    for m, alive in zip(stage, live):
-                        side = int(m.shape[1] ** 0.5)
-                        mask = torch.nn.functional.interpolate(inside[None, None], size=(side, side),
-                                                               mode="area").flatten()
-                        col = m[alive > DEAD][:, :, index]  # active heads only
-                        mass += col.mean(1).tolist()
-                        share += ((col * mask).sum(1) / col.sum(1)).tolist()
+                mass, share = toy.word_attention(maps, tokens.index(ids[word]), picture.subject_mask)
                 key = f"{label}: {kind.strip()} '{word}'" if kind.startswith("subject") else f"{label}: {kind}"
                 entry = words.setdefault(key, {"mass": [], "share": []})
-                entry["mass"].append(statistics.fmean(mass))
-                entry["share"].append(statistics.fmean(share))
+                entry["mass"].append(mass)
+                entry["share"].append(share)
     live = torch.stack(liveness).amin(0)  # the weakest over identities
     head_lines = ["| cross-attention layer | heads active (largest distance from 1/77 > 1e-4) | weakest head's distance |",
                   "|---|---|---|"]

@@ -176,3 +176,53 @@ def attention_on_subject(model, clip, vae, photo: torch.Tensor, mask: np.ndarray
             heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
     inside = torch.from_numpy(mask.astype(np.float32))
     return float(((heats * inside).sum((1, 2)) / heats.sum((1, 2))).mean())
+
+
+DEAD_HEAD = 1e-4  # a head whose maps stay within this of 1/77 everywhere is dead (zero q or k)
+
+
+def prompt_maps(model, clip, vae, photo: torch.Tensor, text: str, stages: int = 5) -> list[list[torch.Tensor]]:
+    """Per stage's middle timestep, per cross-attention layer: the attention maps (heads, HW, 77) of `text` over the
+    photo (noised with a fixed seed), through the pack's own UNet pass and map capture."""
+    from sefi_ide.core.settings import TrainSettings
+    from sefi_ide.core.stages import stage_timestep_range
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+
+    with training_scope(), torch.no_grad():
+        backend = ComfyTrainingBackend(model, clip, vae, TrainSettings(resolution=128, placeholder=PLACEHOLDER,
+                                                                       layers="all", num_stages=stages))
+        reference = photo.permute(0, 3, 1, 2)
+        z0 = backend.latents(reference)
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
+        context = clip.encode_from_tokens(clip.tokenize(text)).to(z0)
+        maps = []
+        for s in range(stages):
+            lo, hi = stage_timestep_range(s, stages)
+            _, layer_maps = backend.predict_noise(z0, eps, torch.tensor([(lo + hi) // 2]), context, context,
+                                                  capture=True)
+            maps.append([m.float().cpu() for m in layer_maps])
+    return maps
+
+
+def head_liveness(maps: list[list[torch.Tensor]]) -> torch.Tensor:
+    """(layers, heads): each head's largest distance from the uniform 1/77, over stages, pixels and tokens."""
+    return torch.stack([torch.stack([(m - 1 / m.shape[-1]).abs().amax((1, 2)) for m in stage])
+                        for stage in maps]).amax(0)
+
+
+def word_attention(maps: list[list[torch.Tensor]], index: int, subject_mask: np.ndarray) -> tuple[float, float]:
+    """(mass, share) of token `index`: its attention probability averaged over pixels (how much of the picture's
+    attention it draws; uniform is 1/77) and the part of that mass inside the subject's mask; means over the ACTIVE
+    heads only (dead heads' uniform maps would pull both toward what even attention gets), the layers and stages."""
+    live = head_liveness(maps)
+    inside = torch.from_numpy(subject_mask.astype(np.float32))[None, None]
+    mass, share = [], []
+    for stage in maps:
+        for m, alive in zip(stage, live, strict=True):
+            side = int(m.shape[1] ** 0.5)
+            mask = torch.nn.functional.interpolate(inside, size=(side, side), mode="area").flatten()
+            column = m[alive > DEAD_HEAD][:, :, index]
+            mass += column.mean(1).tolist()
+            share += ((column * mask).sum(1) / column.sum(1)).tolist()
+    return float(np.mean(mass)), float(np.mean(share))
