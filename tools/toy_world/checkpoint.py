@@ -59,6 +59,14 @@ def load_trained(path: Path) -> tuple[SlimUNet, TextEncoder]:
     return unet, text
 
 
+def load_notes(path: Path) -> dict[str, str]:
+    """The file's metadata: configs, and the training run's notes (steps, history) where train.py wrote them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
 def checkpoint_state_dict(unet: SlimUNet, text: TextEncoder) -> dict[str, torch.Tensor]:
     """The full SD1 checkpoint's tensors (fp16), ComfyUI's keys."""
     out = {f"model.diffusion_model.{k}": v for k, v in unet.shell_state_dict().items()}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import vae
 from .attributes import ATTRIBUTES, IDENTITY_ATTRIBUTES, Scene
-from .checkpoint import save_trained
+from .checkpoint import load_notes, save_trained
 from .reader import Reader, agreement, subject_present, visible
 from .render import render
 from .text import TextConfig, TextEncoder
@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("toy_sd1.safetensors"))
     p.add_argument("--state", type=Path, default=CACHE / "train-state.pt", help="resume file")
     p.add_argument("--max-minutes", type=float, default=0, help="stop (and save) after this long; 0: no limit")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this trained-weights file (its EMA weights; new optimiser and schedule)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the committed runs: see docs/toy-world.md)")
     args = p.parse_args()
 
@@ -151,7 +153,7 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text).requires_grad_(False)
-    step, history = 0, []
+    step, history, earlier = 0, [], 0  # earlier: steps of the file a warm start began from
     if args.state.exists():
         state = torch.load(args.state, weights_only=False)
         if all(state["args"].get(k) == getattr(args, k) for k in ("width", "no_subject", "text_layers")):
@@ -160,19 +162,33 @@ def main() -> None:
             ema.load_state_dict(state["ema"])
             ema_text.load_state_dict(state["ema_text"])
             opt.load_state_dict(state["opt"])
-            step, history = state["step"], state["history"]
+            step, history, earlier = state["step"], state["history"], state.get("earlier", 0)
             print(f"resumed at step {step}")
+    elif args.init_from:  # warm start from a committed file's (EMA) weights: a fresh optimiser and lr schedule
+        from .checkpoint import load_trained
+
+        start_unet, start_text = load_trained(args.init_from)
+        if start_unet.cfg != unet.cfg or start_text.cfg != text.cfg:
+            raise SystemExit(f"--init-from {args.init_from}: trained as {start_unet.cfg} / {start_text.cfg}, "
+                             f"this run is {unet.cfg} / {text.cfg}")
+        for target in (unet, ema):
+            target.load_state_dict(start_unet.state_dict())
+        for target in (text, ema_text):
+            target.load_state_dict(start_text.state_dict())
+        notes = load_notes(args.init_from)
+        history, earlier = json.loads(notes.get("history", "[]")), int(notes.get("steps", 0))
+        print(f"warm start from {args.init_from} (trained {earlier} steps)")
     rng = np.random.default_rng(args.seed + step)
     gen = torch.Generator().manual_seed(args.seed + step)
     acp = alphas_cumprod()
     start, losses = time.time(), []
 
     def save() -> None:
-        save_trained(args.out, ema, ema_text, notes={"steps": str(step), "history": json.dumps(history)})
+        save_trained(args.out, ema, ema_text, notes={"steps": str(earlier + step), "history": json.dumps(history)})
         args.state.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"args": vars(args) | {"out": str(args.out), "state": str(args.state)}, "unet": unet.state_dict(),
                     "text": text.state_dict(), "ema": ema.state_dict(), "ema_text": ema_text.state_dict(),
-                    "opt": opt.state_dict(), "step": step, "history": history}, args.state)
+                    "opt": opt.state_dict(), "step": step, "history": history, "earlier": earlier}, args.state)
 
     while step < args.steps:
         lr = args.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -211,7 +227,7 @@ def main() -> None:
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
             t0 = time.time()
             score = evaluate(ema, ema_text, Reader(), args.eval_count)
-            history.append({"step": step, "seconds": round(time.time() - start), **score})
+            history.append({"step": earlier + step, "seconds": round(time.time() - start), **score})
             print(f"eval step {step}: attributes read back {score['all']:.3f} ({time.time() - t0:.0f} s) "
                   + " ".join(f"{a}={v:.2f}" for a, v in score.items() if a != "all"), flush=True)
             save()
