@@ -270,17 +270,24 @@ def test_batch_command_exports_each_learned_identity(tiny_sd1_path, one_photo, t
     assert (out / "dana_lee.safetensors").read_bytes() == identity_bytes
 
 
+def _save_sd1_identity(server, placeholder: str, file_name: str, seed: int):
+    """A small random SD1 identity, saved in the server's identity folder for Load ID Embedding; returned."""
+    from sefi_ide.core.identity import Identity, save_identity
+
+    g = torch.Generator().manual_seed(seed)
+    ident = Identity(family="sd1", placeholder=placeholder, init_word="person",
+                     k={"clip_l": torch.randn(5, 768, generator=g) * 0.02},
+                     v={"clip_l": torch.randn(5, 768, generator=g) * 0.02})
+    save_identity(ident, server["base"] / "models" / "sefi_identities" / file_name, include_generator=False)
+    return ident
+
+
 @pytest.mark.server
 @pytest.mark.smoke
 def test_export_node_over_http_feeds_clip_text_encode(server):
-    from sefi_ide.core.identity import Identity, save_identity
+    from sefi_ide.core.identity import save_identity
 
-    g = torch.Generator().manual_seed(0)
-    ident = Identity(family="sd1", placeholder="<erin>", init_word="person",
-                     k={"clip_l": torch.randn(5, 768, generator=g) * 0.02},
-                     v={"clip_l": torch.randn(5, 768, generator=g) * 0.02})
-    save_identity(ident, server["base"] / "models" / "sefi_identities" / "erin_http.safetensors",
-                  include_generator=False)
+    ident = _save_sd1_identity(server, "<erin>", "erin_http.safetensors", seed=0)
     export = {"load": {"class_type": "LoadIDEmbedding", "inputs": {"identity_file": "erin_http.safetensors"}},
               "export": {"class_type": "ExportIDEmbeddingAsTextualInversion",
                          "inputs": {"identity": ["load", 0], "name": "", "overwrite": False}}}
@@ -336,14 +343,7 @@ def test_export_node_writes_again_when_its_file_was_deleted_or_changed(server):
     """Issue 32 item 4: the same inputs with the exported file as written are taken from the host's cache; the
     file deleted or changed makes the host run the export again (every time: the newer hosts' caches keep older
     results), which rewrites it, or refuses another file when overwrite is off."""
-    from sefi_ide.core.identity import Identity, save_identity
-
-    g = torch.Generator().manual_seed(9)
-    ident = Identity(family="sd1", placeholder="<gus>", init_word="person",
-                     k={"clip_l": torch.randn(5, 768, generator=g) * 0.02},
-                     v={"clip_l": torch.randn(5, 768, generator=g) * 0.02})
-    save_identity(ident, server["base"] / "models" / "sefi_identities" / "gus_rerun.safetensors",
-                  include_generator=False)
+    _save_sd1_identity(server, "<gus>", "gus_rerun.safetensors", seed=9)
     path = server["base"] / "models" / "embeddings" / "gus_rerun.safetensors"
 
     def run(overwrite: bool) -> tuple[dict, bool]:

@@ -257,19 +257,24 @@ def test_outside_the_training_text_call_and_in_other_threads_the_hosts_intermedi
     assert comfy.model_management.intermediate_device is host
 
 
+def _step_in_several_stages(models, settings):
+    """One learning step from tokens away from the init word: (the UNet call with gradient, (k, v) tokens, the rows'
+    timesteps, the rows' stages), the seed drawing rows in at least two stages."""
+    _, calls, (_, k, v), z0 = _train(models, settings, resume=_distinct_start)
+    t, _ = _draws(settings, z0)
+    stages = [min(STAGES - 1, int(x) * STAGES // 1000) for x in t]
+    assert len(set(stages)) >= 2, stages  # the seed gives rows in different stages
+    return next(c for c in calls if c["grad"]), (k, v), t, stages
+
+
 @pytest.mark.parametrize("kv_split", [True, False])
 def test_each_row_gets_its_stages_k_and_v_tokens_at_every_cross_attention_layer_and_only_they_get_gradient(
         models, monkeypatch, kv_split):
     _, clip, _ = models
     settings = _settings(kv_split=kv_split)
     grads = GeneratorGradients(monkeypatch)
-    _, calls, (_, k, v), z0 = _train(models, settings, resume=_distinct_start)
-    t, _ = _draws(settings, z0)
-    stages = [min(STAGES - 1, int(x) * STAGES // 1000) for x in t]
-    assert len(set(stages)) >= 2, stages  # the seed gives rows in different stages
-    target = next(c for c in calls if c["grad"])
-    B = settings.batch_size
-    rows = slice(target["x"].shape[0] - B, None)  # the target rows (after the reference rows when in one batch)
+    target, (k, v), t, stages = _step_in_several_stages(models, settings)
+    rows = slice(target["x"].shape[0] - settings.batch_size, None)  # the target rows (after any reference rows)
     torch.testing.assert_close(target["t"][rows], t.float())
     assert len(target["k"]) == len(target["v"]) > 0
     for r, s in enumerate(stages):
@@ -295,13 +300,8 @@ def test_sdxl_each_row_gets_the_pooled_output_of_its_own_stages_k_token(sdxl):
     prompt with that row's stage K token (as sampling gives each step its stage's), not row 0's."""
     _, clip, _ = sdxl
     settings = _settings()
-    _, calls, (_, k, _), z0 = _train(sdxl, settings, resume=_distinct_start)
-    t, _ = _draws(settings, z0)
-    stages = [min(STAGES - 1, int(x) * STAGES // 1000) for x in t]
-    assert len(set(stages)) >= 2, stages  # the seed gives rows in different stages
-    target = next(c for c in calls if c["grad"])
-    B = settings.batch_size
-    y = target["y"][target["y"].shape[0] - B:].float()  # the target rows
+    target, (k, _), _, stages = _step_in_several_stages(sdxl, settings)
+    y = target["y"][target["y"].shape[0] - settings.batch_size:].float()  # the target rows
     for r, s in enumerate(stages):
         expected = _host_encoding(clip, {e: k[e][s] for e in k}, pooled=True).float()
         torch.testing.assert_close(y[r, :expected.shape[-1]], expected, **CLOSE)
