@@ -44,7 +44,6 @@ from tools.toy_world.tokens import load_token_ids, tokenize
 from tools.toy_world.world import caption, held_out_identities, sample_scene, scene_caption
 
 STAGES = 5
-DEAD = toy.DEAD_HEAD
 
 
 def check_identities(count: int) -> list[tuple[str, ...]]:
@@ -109,7 +108,7 @@ def heads_and_words(model, clip, vae, identities) -> str:
     head_lines = ["| cross-attention layer | heads active (largest distance from 1/77 > 1e-4) | weakest head's distance |",
                   "|---|---|---|"]
     for layer, row in enumerate(live):
-        head_lines.append(f"| {layer} | {int((row > DEAD).sum())} of {len(row)} | {row.min():.4f} |")
+        head_lines.append(f"| {layer} | {int((row > toy.DEAD_HEAD).sum())} of {len(row)} | {row.min():.4f} |")
     subject_area = statistics.fmean(area)
     word_lines = [f"Subject area (share of the photo the subject's mask covers): {subject_area:.3f}; "
                   + f"uniform mass per token: {1 / 77:.4f}.", "",

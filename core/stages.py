@@ -19,3 +19,9 @@ def stage_timestep_range(stage: int, num_stages: int) -> tuple[int, int]:
     lo = -(-stage * NUM_TRAIN_TIMESTEPS // num_stages)  # ceil
     hi = -(-(stage + 1) * NUM_TRAIN_TIMESTEPS // num_stages) - 1
     return lo, min(hi, NUM_TRAIN_TIMESTEPS - 1)
+
+
+def stage_middle_timestep(stage: int, num_stages: int) -> int:
+    """The timestep in the middle of `stage`'s range: where the heat maps look at each stage."""
+    lo, hi = stage_timestep_range(stage, num_stages)
+    return (lo + hi) // 2

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from ..core.identity import Identity, norm_report
 from ..core.settings import TrainSettings
-from ..core.stages import stage_timestep_range
+from ..core.stages import stage_middle_timestep
 from .backend import ComfyTrainingBackend
 from .text import detect_family, word_embedding
 
@@ -19,6 +19,14 @@ def colorize(m: torch.Tensor) -> torch.Tensor:
     return torch.stack([r, g, b], dim=-1)
 
 
+def noised_reference(backend: ComfyTrainingBackend, reference: torch.Tensor, seed: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z0, ε): the (1,3,R,R) reference's latents and noise of their shape from `seed`, the heat maps' inputs."""
+    with torch.no_grad():
+        z0 = backend.latents(reference)
+    return z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
+
+
 def placeholder_attention(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: torch.Tensor, identity: Identity,
                           size: int) -> torch.Tensor:
     """(S, size, size): the placeholder token's attention probability at every pixel, averaged over heads and summed
@@ -26,8 +34,7 @@ def placeholder_attention(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: 
     heats = []
     with torch.no_grad():
         for s in range(identity.num_stages):
-            lo, hi = stage_timestep_range(s, identity.num_stages)
-            t = torch.tensor([(lo + hi) // 2])
+            t = torch.tensor([stage_middle_timestep(s, identity.num_stages)])
             rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
             ctx, pooled = backend.target_contexts(rows)
             _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
@@ -50,10 +57,8 @@ def identity_heatmaps(model, clip, vae, reference: torch.Tensor, identity: Ident
                              reference_prompt=trained.get("reference_prompt", TrainSettings.reference_prompt),
                              layers=trained.get("layers", "auto"), num_stages=identity.num_stages)
     backend = ComfyTrainingBackend(model, clip, vae, settings, learning=False)  # forward only: the user's MODEL
-    with torch.no_grad():
-        z0 = backend.latents(reference)
-        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
-        heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
+    z0, eps = noised_reference(backend, reference, seed)
+    heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
     image = reference[0].permute(1, 2, 0).cpu()
     frames = []
     for heat in heats:

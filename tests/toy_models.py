@@ -7,6 +7,7 @@ ComfyUI's own `load_checkpoint_guess_config`, exactly as Load Checkpoint does.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -158,22 +159,28 @@ def prompt_text(identity_values_: dict[str, str], context: dict[str, str], ident
     return caption(context, subject=subject)
 
 
+@contextlib.contextmanager
+def _photo_pass(model, clip, vae, photo: torch.Tensor, settings):
+    """(backend, z0, ε) for forward passes over the photo (a ComfyUI IMAGE) as the heat-map node makes them: the
+    user's own MODEL (no learning copy), the photo's latents, noise from seed 0."""
+    from sefi_ide.host.backend import ComfyTrainingBackend
+    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.host.heatmap import noised_reference
+
+    with training_scope(), torch.no_grad():
+        backend = ComfyTrainingBackend(model, clip, vae, settings, learning=False)
+        yield (backend, *noised_reference(backend, photo.permute(0, 3, 1, 2)))
+
+
 def attention_on_subject(model, clip, vae, photo: torch.Tensor, mask: np.ndarray, identity, settings) -> float:
     """Share of the placeholder's attention mass (loss layers, each stage's middle timestep, over the photo) inside
     the subject's mask; mean over stages."""
     from dataclasses import replace
 
-    from sefi_ide.host.backend import ComfyTrainingBackend
-    from sefi_ide.host.grad_scope import training_scope
     from sefi_ide.host.heatmap import placeholder_attention
 
-    with training_scope():
-        backend = ComfyTrainingBackend(model, clip, vae, replace(settings, num_stages=identity.num_stages))
-        reference = photo.permute(0, 3, 1, 2)
-        with torch.no_grad():
-            z0 = backend.latents(reference)
-            eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
-            heats = placeholder_attention(backend, z0, eps, identity, reference.shape[-1])
+    with _photo_pass(model, clip, vae, photo, replace(settings, num_stages=identity.num_stages)) as (backend, z0, eps):
+        heats = placeholder_attention(backend, z0, eps, identity, photo.shape[2])  # (1, H, W, 3)
     inside = torch.from_numpy(mask.astype(np.float32))
     return float(((heats * inside).sum((1, 2)) / heats.sum((1, 2))).mean())
 
@@ -185,22 +192,15 @@ def prompt_maps(model, clip, vae, photo: torch.Tensor, text: str, stages: int = 
     """Per stage's middle timestep, per cross-attention layer: the attention maps (heads, HW, 77) of `text` over the
     photo (noised with a fixed seed), through the pack's own UNet pass and map capture."""
     from sefi_ide.core.settings import TrainSettings
-    from sefi_ide.core.stages import stage_timestep_range
-    from sefi_ide.host.backend import ComfyTrainingBackend
-    from sefi_ide.host.grad_scope import training_scope
+    from sefi_ide.core.stages import stage_middle_timestep
 
-    with training_scope(), torch.no_grad():
-        backend = ComfyTrainingBackend(model, clip, vae, TrainSettings(resolution=128, placeholder=PLACEHOLDER,
-                                                                       layers="all", num_stages=stages))
-        reference = photo.permute(0, 3, 1, 2)
-        z0 = backend.latents(reference)
-        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0)).to(z0)
+    settings = TrainSettings(resolution=128, placeholder=PLACEHOLDER, layers="all", num_stages=stages)
+    maps = []
+    with _photo_pass(model, clip, vae, photo, settings) as (backend, z0, eps):
         context = clip.encode_from_tokens(clip.tokenize(text)).to(z0)
-        maps = []
         for s in range(stages):
-            lo, hi = stage_timestep_range(s, stages)
-            _, layer_maps = backend.predict_noise(z0, eps, torch.tensor([(lo + hi) // 2]), context, context,
-                                                  capture=True)
+            t = torch.tensor([stage_middle_timestep(s, stages)])
+            _, layer_maps = backend.predict_noise(z0, eps, t, context, context, capture=True)
             maps.append([m.float().cpu() for m in layer_maps])
     return maps
 

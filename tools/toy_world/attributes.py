@@ -85,7 +85,7 @@ class Scene:
         """The attributes this scene's picture shows: all of them with a subject (eye colour only with open eyes);
         without one the scene, and the object and its position when an object is drawn."""
         if self.subject:
-            return [a for a in ATTRIBUTES if not (a == "eyes" and self.values["expression"] == "closed")]
+            return visible(self.values)
         return ["scene", *(("position", "object") if self.has_object else ())]
 
     @property
@@ -95,6 +95,12 @@ class Scene:
 
     def __hash__(self) -> int:
         return hash((tuple(sorted(self.values.items())), self.jitter, self.subject, self.has_object))
+
+
+def visible(values: dict[str, str]) -> list[str]:
+    """The attributes a picture of a subject with these values shows (eye colour is hidden when the eyes are
+    closed)."""
+    return [a for a in ATTRIBUTES if not (a == "eyes" and values.get("expression") == "closed")]
 
 
 def identity_values(identity: tuple[str, ...]) -> dict[str, str]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attributes import ATTRIBUTES
+from .attributes import ATTRIBUTES, visible  # visible: re-exported for the reader's users
 from .render import SIZE
 
 WEIGHTS_PATH = Path(__file__).with_name("reader.safetensors")
@@ -26,11 +26,6 @@ INPUT_SIZE = 32
 SUBJECT = "subject"  # the extra head: is a head drawn at all
 PRESENCE = ("absent", "present")
 HEADS: dict[str, tuple[str, ...]] = {**ATTRIBUTES, SUBJECT: PRESENCE}
-
-
-def visible(values: dict[str, str]) -> list[str]:
-    """The attributes a scene with these values shows (eye colour is hidden when the eyes are closed)."""
-    return [a for a in ATTRIBUTES if not (a == "eyes" and values.get("expression") == "closed")]
 
 
 class ReaderNet(nn.Module):
