@@ -307,3 +307,40 @@ def test_world_v1_checkpoint_still_builds_as_a_bag_of_words(comfy_host, tmp_path
         shuffled = clip.encode_from_tokens(clip.tokenize("a photo of the face of person, at night, oval face"))[0]
     assert text.rows.norm(dim=-1).mean() > 20  # free rows: standard normal, about 28 long
     assert torch.allclose(shuffled.float().sort(0).values, context.float().sort(0).values, atol=1e-3)
+
+
+def test_kept_cross_attention_maps_are_the_ones_the_unet_uses():
+    """train.py's localisation term reads the cross-attention maps the UNet keeps: the same output as the fused
+    attention, one map per layer, each a distribution over the 77 tokens."""
+    torch.manual_seed(0)
+    unet = SlimUNet(SlimConfig(40, 80, 160, heads=4))
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 768)
+    attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    with torch.no_grad():
+        fused = unet(x, t, context)
+        maps: list[torch.Tensor] = []
+        for m in attn2:
+            m.kept_probs = maps
+        kept = unet(x, t, context)
+    assert torch.allclose(kept, fused, atol=1e-5)
+    assert len(maps) == len(attn2) and all(m.shape == (2, 4, 256, 77) for m in maps)
+    assert torch.allclose(maps[0].sum(-1), torch.ones(2, 4, 256), atol=1e-5)
+
+
+def test_localisation_term_is_zero_on_the_subject_and_one_minus_its_share_elsewhere():
+    from sefi_ide.tools.toy_world.train import localisation_loss, subject_grid, subject_word_columns
+
+    scene = next(iter(scenes(0, 1, trained_identities())))
+    mask = subject_grid(scene, {}, 0)
+    expected = torch.from_numpy(render(scene).subject_mask.astype(np.float32)).reshape(16, 8, 16, 8).mean((1, 3))
+    assert torch.allclose(mask, expected.flatten())
+    columns = subject_word_columns(["face", "person"])
+    ids = load_token_ids()
+    assert [tokenize(SUBJECT_PROMPT)[c] for c in columns] == [ids["face"], ids["person"]]
+    inside = (mask == 1).float()
+    on_subject = torch.full((1, 2, 256, 77), 1e-9)
+    on_subject[..., columns] = inside[None, None, :, None] / inside.sum()
+    assert localisation_loss([on_subject], torch.tensor([0]), mask[None], columns) < 1e-6
+    uniform = torch.full((1, 2, 256, 77), 1 / 77)
+    spread = localisation_loss([uniform], torch.tensor([0]), mask[None], columns)
+    assert torch.isclose(spread, 1 - mask.sum() / 256, atol=1e-6)

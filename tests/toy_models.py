@@ -226,3 +226,26 @@ def word_attention(maps: list[list[torch.Tensor]], index: int, subject_mask: np.
             mass += column.mean(1).tolist()
             share += ((column * mask).sum(1) / column.sum(1)).tolist()
     return float(np.mean(mass)), float(np.mean(share))
+
+
+def attention_gap(model, clip, vae, photo: torch.Tensor, identity, settings) -> float:
+    """How far the learned prompt's cross-attention maps are from the reference prompt's over the photo: per loss
+    layer, (256 / HW) x the squared difference summed over all 77 token columns and the pixels, averaged over heads;
+    then over layers and each stage's middle timestep. What the default L_attn (option 3) measures, computed here on
+    its own (not through core.losses), so that a loss reading the wrong maps cannot also fool the measure."""
+    from dataclasses import replace
+
+    from sefi_ide.core.stages import stage_middle_timestep
+
+    gaps = []
+    with _photo_pass(model, clip, vae, photo, replace(settings, num_stages=identity.num_stages)) as (backend, z0, eps):
+        reference, ref_pooled = backend.reference_context()
+        for s in range(identity.num_stages):
+            t = torch.tensor([stage_middle_timestep(s, identity.num_stages)])
+            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
+            ctx, pooled = backend.target_contexts(rows)
+            _, learned = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
+            _, wanted = backend.predict_noise(z0, eps, t, reference, reference, capture=True, pooled=ref_pooled)
+            for a, b in zip(learned, wanted, strict=True):
+                gaps.append(float((a.float() - b.float()).pow(2).sum((1, 2)).mean() * 256 / a.shape[1]))
+    return float(np.mean(gaps))

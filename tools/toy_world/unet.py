@@ -144,6 +144,7 @@ class CrossAttention(nn.Module):
         self.to_k = _tag(nn.Linear(src, width, bias=False), "heads", role)
         self.to_v = _tag(nn.Linear(src, width, bias=False), "heads", role)
         self.to_out = nn.Sequential(_tag(nn.Linear(width, width), "ch", "heads"), nn.Dropout(0.0))
+        self.kept_probs: list[torch.Tensor] | None = None  # training: a list collects cross-attention maps
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         src = x if context is None else context
@@ -153,8 +154,13 @@ class CrossAttention(nn.Module):
             return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
 
         # the shell's scale: a head's zero channels add nothing to its scores
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(src)), split(self.to_v(src)),
-                                             scale=HEAD_DIM ** -0.5)
+        q, k, v = split(self.to_q(x)), split(self.to_k(src)), split(self.to_v(src))
+        if self.kept_probs is not None and context is not None:  # the same sum, its maps kept (B x heads x N x 77)
+            probs = (q @ k.transpose(-1, -2) * HEAD_DIM ** -0.5).softmax(-1)
+            self.kept_probs.append(probs)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=HEAD_DIM ** -0.5)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 
