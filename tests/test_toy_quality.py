@@ -1,42 +1,45 @@
-"""The method on a TRAINED model (issue 24 item 6): in the toy world (tools/toy_world/, docs/toy-world.md) a held-out
-identity learned from one picture through the Learn node's code looks like its subject in ComfyUI's KSampler, and
-the rest of the prompt still works. Every other test runs on random weights; this one fails when learning stops
-carrying the subject (a broken step, loss, routing or token injection), which random weights cannot show.
+"""The pack's default on a TRAINED model (issue 31 item 5): in the toy world v2 (tools/toy_world/, docs/toy-world.md)
+an identity learned from one picture with the pack's default settings (5 stages, K/V split, λ 0.003, option 3, the
+reference pass in the training batch, 400 steps at lr 0.005) keeps its cross-attention near the reference word's and
+leaves the rest of the prompt working in ComfyUI's KSampler; beside it λ = 0, whose maps drift and whose token
+carries more of the subject than the init word alone.
 
-About 3 minutes on one CPU thread (the 290 MB toy checkpoint is built into the cache on first use).
+Every other test runs on random weights; these fail when learning stops carrying the subject or when the attention
+loss stops doing its job, which random weights cannot show. The measures:
+- attention gap: how far the learned prompt's cross-attention maps (all 77 columns, the loss layers, each stage's
+  middle timestep, over the photo) are from the reference prompt's; computed by tests/toy_models.py on its own, not
+  through core.losses. The attention loss is what keeps it small: with λ ignored, the reference and target rows
+  swapped or the loss reading another token column it grows to λ = 0's; with λ x 100 on this identity too
+  (not on every identity: see docs/toy-world.md);
+- identity and prompt scores: the reader's share of the identity attributes and of the asked context drawn.
 
-Runs on world v1's checkpoint (toy_sd1_v1.safetensors, bag-of-words text encoder, margins measured there) until the
-quality test of world v2 (issue 31 item 5: the pack's default settings guarded, margins over several identities)
-replaces it.
+Margins: measured over several trained identities (bench/quality.py --pool trained, docs/toy-world.md "The default
+guarded in CI"), not on the identity used here; the test takes the first identity of the trained pool's fixed order,
+not one picked by its score. About 6 minutes on one CPU thread.
+
+What the default is NOT asserted to do: carry more of the subject than the init word alone. On this checkpoint it does
+not (its subject words draw almost no attention mass, and option 3 holds the identity token's mass at theirs; see
+docs/toy-world.md), so the likeness assertion stands on λ = 0, where it holds.
 """
 from __future__ import annotations
 
 import statistics
 
 import pytest
-import torch
 import toy_models as toy
 
 from tools.toy_world.attributes import identity_values
-from tools.toy_world.reader import Reader, agreement
-from tools.toy_world.world import caption, held_out_identities, trained_identities
+from tools.toy_world.reader import Reader
 
-# A held-out identity that neither the benchmark's table (the first 8) nor its tuning (trained identities) uses, and
-# whose attributes the init word alone draws rarely (round face, pale skin, pink afro, blue eyes, freckles: 0.19 of
-# them in 8 pictures of "a photo of the face of person, ..."), so that "beats the init word" has room to show.
-IDENTITY_INDEX = 62
-IDENTITY = held_out_identities()[IDENTITY_INDEX]
-STEPS, LR = 150, 0.02  # short: the test's budget, not the pack's default (400 steps at 0.005)
-# λ = 0: per-stage K/V tokens learned by L_LDM alone. In the toy model the init word "person" attends OFF the subject
-# (it is in every training caption, so it says nothing; bench/quality.py --word-attention: 0.19 of its attention on
-# a subject covering 0.25 of the picture), and the face-wise attention loss, which holds the identity token's maps to
-# the init word's, keeps it off the face too: with the paper's λ the identity gain is real but small in this world
-# (docs/toy-world.md). What λ does is tested where it is defined (test_training_mechanism, test_mechanism).
-ATTN_LAMBDA = 0.0
-PROMPTS, SEEDS = 3, 4
-# measured on this identity: see the assertions' messages; the margins leave room for other CPUs and thread counts
-IDENTITY_MARGIN = 0.2  # learned identity score minus the init word's, at least
-PROMPT_FLOOR = 0.6  # learned prompt score, at least (the floor of the init word alone is ~0.8-1.0)
+TRAINED_POOL_SEED = 5  # bench/quality.py's TUNING_SEED: the trained identities' fixed order
+PROMPTS, SEEDS = 3, 2
+# from the measurement over trained identities (see the module docstring); each leaves room for other CPUs
+GAP_CEILING = 4.6  # the default's attention gap, at most: between the default's (1.6, 2.2, 3.0, 4.1 on 4 trained
+# identities; this one 1.6) and λ = 0's (5.2 to 32.9); λ x 100 gave 5.1 here but 2.3 on another identity
+LAMBDA0_STEPS, LAMBDA0_LR = 150, 0.02  # λ = 0 learns faster at a higher lr: the budget's run, not the default
+LAMBDA0_GAP_FLOOR = 4.6  # λ = 0's gap, at least (the attention loss is what closes it)
+IDENTITY_MARGIN = 0.03  # λ = 0's learned identity score minus the init word's, at least (measured +0.11, +0.12)
+PROMPT_FLOOR = 0.3  # learned prompt score, at least (measured 0.38-0.75; the init word alone 0.50-0.63)
 
 
 @pytest.fixture(scope="module")
@@ -44,45 +47,66 @@ def toy_world(comfy_host):
     import comfy.utils
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
-    model, clip, vae = toy.load_toy(trained=toy.TRAINED_V1)
+    model, clip, vae = toy.load_toy()
     return model, clip, vae, Reader()
 
 
-def _scores(toy_world, identity, contexts) -> tuple[float, float]:
-    """Mean (identity score, prompt score) over the prompts for `contexts` x SEEDS pictures."""
+@pytest.fixture(scope="module")
+def subject():
+    """(identity attributes, photo, contexts) of the trained pool's first identity."""
+    import numpy as np
+
+    from tools.toy_world.world import trained_identities
+
+    trained = trained_identities()
+    identity = trained[int(np.random.default_rng(TRAINED_POOL_SEED).permutation(len(trained))[0])]
+    _, _, photo, contexts = toy.photo_and_prompts(identity, PROMPTS, key=0)
+    return identity, photo, contexts
+
+
+def _settings(**changes):
+    from sefi_ide.core.settings import TrainSettings
+
+    return TrainSettings(resolution=128, placeholder=toy.PLACEHOLDER, seed=0, **changes)
+
+
+def _scores(toy_world, subject, learned) -> tuple[float, float]:
+    """Mean (identity score, prompt score) over the prompts x SEEDS pictures."""
     model, clip, vae, reader = toy_world
-    values = identity_values(IDENTITY)
+    identity, _, contexts = subject
+    values = identity_values(identity)
     pairs = []
     for context in contexts:
-        images = toy.generate(model, clip, vae, toy.prompt_text(values, context, identity), identity, seed=1000,
+        images = toy.generate(model, clip, vae, toy.prompt_text(values, context, learned), learned, seed=1000,
                               count=SEEDS)
         pairs += toy.scores(reader, images, {**values, **context})
     return statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
 
 
-def test_the_toy_checkpoint_draws_what_a_full_caption_says_through_comfyuis_ksampler(toy_world):
-    """The world's own bar (item 2), through ComfyUI's loader and KSampler rather than the trainer's sampler."""
-    model, clip, vae, reader = toy_world
-    scenes = [toy.photo_scene(i) for i in trained_identities()[:: 300]]
-    read = reader.read(torch.cat([toy.generate(model, clip, vae, caption(s.values), None, seed=3) for s in scenes]))
-    share = statistics.fmean(agreement(r, s.values) for r, s in zip(read, scenes))
-    assert share >= 0.8, f"only {share:.2f} of the attributes a full caption names were drawn"
-
-
-def test_a_held_out_identity_learned_from_one_picture_looks_like_its_subject_and_keeps_the_prompt(toy_world):
-    from sefi_ide.core.settings import TrainSettings
+def _learn_and_measure(toy_world, subject, settings) -> tuple[float, float, float, str]:
     from sefi_ide.nodes.learn import run_training
 
     model, clip, vae, _ = toy_world
-    _, _, photo, contexts = toy.photo_and_prompts(IDENTITY, PROMPTS, key=IDENTITY_INDEX)
-    settings = TrainSettings(steps=STEPS, lr=LR, attn_lambda=ATTN_LAMBDA, resolution=128, placeholder=toy.PLACEHOLDER,
-                             seed=0)
+    _, photo, _ = subject
     learned = run_training(model, clip, vae, photo, settings).identity
-
-    floor_identity, floor_prompt = _scores(toy_world, toy.init_word_identity(clip), contexts)
-    identity_score, prompt_score = _scores(toy_world, learned, contexts)
-    report = (f"learned: identity {identity_score:.2f}, prompt {prompt_score:.2f}; init word alone: identity "
-              f"{floor_identity:.2f}, prompt {floor_prompt:.2f}")
+    gap = toy.attention_gap(model, clip, vae, photo, learned, settings)
+    identity_score, prompt_score = _scores(toy_world, subject, learned)
+    floor_identity, floor_prompt = _scores(toy_world, subject, toy.init_word_identity(clip))
+    report = (f"λ {settings.attn_lambda}: attention gap {gap:.3f}, identity {identity_score:.2f}, prompt "
+              f"{prompt_score:.2f}; init word alone: identity {floor_identity:.2f}, prompt {floor_prompt:.2f}")
     print(report)  # shown with pytest -rP
-    assert identity_score >= floor_identity + IDENTITY_MARGIN, f"the identity was not learned ({report})"
+    return gap, identity_score - floor_identity, prompt_score, report
+
+
+def test_the_default_holds_the_identity_tokens_attention_to_the_references_and_keeps_the_prompt(toy_world, subject):
+    gap, _, prompt_score, report = _learn_and_measure(toy_world, subject, _settings())
+    assert gap <= GAP_CEILING, f"the attention loss did not hold the maps to the reference's ({report})"
+    assert prompt_score >= PROMPT_FLOOR, f"the learned identity overrides the prompt ({report})"
+
+
+def test_lambda_0_learns_the_subject_and_its_attention_drifts(toy_world, subject):
+    settings = _settings(attn_lambda=0.0, steps=LAMBDA0_STEPS, lr=LAMBDA0_LR)
+    gap, gain, prompt_score, report = _learn_and_measure(toy_world, subject, settings)
+    assert gap >= LAMBDA0_GAP_FLOOR, f"without the attention loss the maps stayed at the reference's ({report})"
+    assert gain >= IDENTITY_MARGIN, f"the identity was not learned ({report})"
     assert prompt_score >= PROMPT_FLOOR, f"the learned identity overrides the prompt ({report})"

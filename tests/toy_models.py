@@ -23,7 +23,7 @@ from tools.toy_world.reader import Reader, agreement, subject_present
 from tools.toy_world.world import caption, sample_scene
 
 TRAINED = PACK_ROOT / "tools" / "toy_world" / "toy_sd1.safetensors"  # world v2 (issue 31)
-TRAINED_V1 = PACK_ROOT / "tools" / "toy_world" / "toy_sd1_v1.safetensors"  # world v1 (issue 24), for its test
+TRAINED_V1 = PACK_ROOT / "tools" / "toy_world" / "toy_sd1_v1.safetensors"  # world v1 (issue 24), its history
 PROBE_PROMPT = "a photo of the face of person, oval face, tan skin, long ginger hair, green eyes, wearing a hat"
 
 
