@@ -1,11 +1,10 @@
 """The pack's default on a TRAINED model (issue 31 item 5): in the toy world v2 (tools/toy_world/, docs/toy-world.md)
 an identity learned from one picture with the pack's default settings (5 stages, K/V split, λ 0.003, option 3, the
 reference pass in the training batch, 400 steps at lr 0.005) keeps its cross-attention near the reference word's and
-leaves the rest of the prompt working in ComfyUI's KSampler; beside it λ = 0, whose maps drift and whose token
-carries more of the subject than the init word alone.
+leaves the rest of the prompt working in ComfyUI's KSampler; beside it λ = 0, whose maps drift from the reference's.
 
-Every other test runs on random weights; these fail when learning stops carrying the subject or when the attention
-loss stops doing its job, which random weights cannot show. The measures:
+Every other test runs on random weights; these fail when the attention loss stops doing its job on a trained model or
+the learned token overrides the prompt, which random weights cannot show. The measures:
 - attention gap: how far the learned prompt's cross-attention maps (all 77 columns, the loss layers, each stage's
   middle timestep, over the photo) are from the reference prompt's; computed by tests/toy_models.py on its own, not
   through core.losses. The attention loss is what keeps it small: with λ ignored, the reference and target rows
@@ -17,9 +16,11 @@ Margins: measured over several trained identities (bench/quality.py --pool train
 guarded in CI"), not on the identity used here; the test takes the first identity of the trained pool's fixed order,
 not one picked by its score. About 6 minutes on one CPU thread.
 
-What the default is NOT asserted to do: carry more of the subject than the init word alone. On this checkpoint it does
-not (its subject words draw almost no attention mass, and option 3 holds the identity token's mass at theirs; see
-docs/toy-world.md), so the likeness assertion stands on λ = 0, where it holds.
+What neither test asserts: likeness beyond the init word alone. The default carries little more (+0.05 over 4 trained
+identities: its subject words draw almost no attention mass, and option 3 holds the identity token's mass at theirs;
+docs/toy-world.md), and λ = 0's gain is not stable across thread counts, so this checkpoint cannot yet carry a likeness
+guard that fails only when learning breaks. The learned gap itself moves with the thread count (this identity's
+default: 1.6 on one thread, 4.0 on two), so the ceiling's margin is thin.
 """
 from __future__ import annotations
 
@@ -38,7 +39,6 @@ GAP_CEILING = 4.6  # the default's attention gap, at most: between the default's
 # identities; this one 1.6) and λ = 0's (5.2 to 32.9); λ x 100 gave 5.1 here but 2.3 on another identity
 LAMBDA0_STEPS, LAMBDA0_LR = 150, 0.02  # λ = 0 learns faster at a higher lr: the budget's run, not the default
 LAMBDA0_GAP_FLOOR = 4.6  # λ = 0's gap, at least (the attention loss is what closes it)
-IDENTITY_MARGIN = 0.03  # λ = 0's learned identity score minus the init word's, at least (measured +0.11, +0.12)
 PROMPT_FLOOR = 0.3  # learned prompt score, at least (measured 0.38-0.75; the init word alone 0.50-0.63)
 
 
@@ -106,7 +106,8 @@ def test_the_default_holds_the_identity_tokens_attention_to_the_references_and_k
 
 def test_lambda_0_learns_the_subject_and_its_attention_drifts(toy_world, subject):
     settings = _settings(attn_lambda=0.0, steps=LAMBDA0_STEPS, lr=LAMBDA0_LR)
-    gap, gain, prompt_score, report = _learn_and_measure(toy_world, subject, settings)
+    gap, _, prompt_score, report = _learn_and_measure(toy_world, subject, settings)
     assert gap >= LAMBDA0_GAP_FLOOR, f"without the attention loss the maps stayed at the reference's ({report})"
-    assert gain >= IDENTITY_MARGIN, f"the identity was not learned ({report})"
+    # no likeness assertion: λ = 0's gain over the init word is not stable here (this identity: +0.25 on one thread,
+    # 0.00 on two; 4 trained identities on one thread: +0.11 to +0.31), see docs/toy-world.md
     assert prompt_score >= PROMPT_FLOOR, f"the learned identity overrides the prompt ({report})"
