@@ -38,7 +38,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +49,7 @@ import toy_models as toy
 from tools.toy_world.attributes import IDENTITY_ATTRIBUTES, identity_values
 from tools.toy_world.reader import Reader
 from tools.toy_world.render import render
-from tools.toy_world.world import held_out_identities, trained_identities
-
-TUNING_SEED = 5
+from tools.toy_world.world import held_out_identities
 
 # name -> TrainSettings changes (None: nothing is learned)
 METHODS: dict[str, dict | None] = {
@@ -289,8 +286,7 @@ def pool_identities(pool: str) -> list[tuple[str, ...]]:
     if pool == "fresh":
         held_out = held_out_identities()
         return [held_out[i] for i in FRESH]
-    trained = trained_identities()
-    return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
+    return toy.tuning_identities()
 
 
 def subject_area(rows: list[dict]) -> float:
