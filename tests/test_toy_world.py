@@ -344,3 +344,49 @@ def test_localisation_term_is_zero_on_the_subject_and_one_minus_its_share_elsewh
     uniform = torch.full((1, 2, 256, 77), 1 / 77)
     spread = localisation_loss([uniform], torch.tensor([0]), mask[None], columns)
     assert torch.isclose(spread, 1 - mask.sum() / 256, atol=1e-6)
+
+
+def test_grounding_gives_each_caption_word_its_drawn_region():
+    """train.py --ground: every value word of a caption is tied to where its thing is drawn (label map pooled to the
+    latent grid), the opening's "face" and "person" to the head."""
+    from sefi_ide.tools.toy_world.grounding import grounded_words, label_cells
+
+    scene = next(s for s in scenes(3, 50, trained_identities(), no_subject=0.0)
+                 if s.values["expression"] != "closed")
+    drawn = render(scene)
+    cells = label_cells(drawn.labels)
+    assert cells.sum(0).eq(64).all()  # every cell's 64 pixels counted once
+    ids, tokens = load_token_ids(), tokenize(caption(scene.values))
+    grounded = dict(grounded_words(tokens, scene, cells))
+    eyes = torch.from_numpy(drawn.labels == LABELS["eye"]).float().reshape(16, 8, 16, 8).mean((1, 3)).flatten()
+    assert torch.allclose(grounded[tokens.index(ids[scene.values["eyes"]])], eyes)
+    head = torch.from_numpy(drawn.subject_mask).float().reshape(16, 8, 16, 8).mean((1, 3)).flatten()
+    for word in ("face", "person"):
+        assert torch.allclose(grounded[tokenize(SUBJECT_PROMPT).index(ids[word])], head)
+    background = torch.from_numpy(drawn.labels == LABELS["background"]).float().reshape(16, 8, 16, 8).mean((1, 3))
+    assert torch.allclose(grounded[tokens.index(ids[scene.values["scene"]])], background.flatten())
+    assert {tokens[c] for c in grounded} == {ids[scene.values[a]] for a in ATTRIBUTES} | {ids["face"], ids["person"]}
+    no_subject = next(s for s in scenes(4, 50, trained_identities(), no_subject=1.0) if s.has_object)
+    words = grounded_words(tokenize(scene_caption(no_subject)), no_subject, label_cells(render(no_subject).labels))
+    assert {tokenize(scene_caption(no_subject))[c] for c, _ in words} == {
+        ids[no_subject.values[a]] for a in ("object", "position", "scene")}
+
+
+def test_grounding_term_rewards_attention_inside_each_words_region():
+    from sefi_ide.tools.toy_world.grounding import grounding_loss
+
+    region = torch.zeros(256)
+    region[:64] = 1.0
+    words = [[(9, region)], []]
+    uniform = torch.full((2, 3, 256, 77), 1 / 77)
+    assert grounding_loss([uniform], words).abs() < 1e-7
+    inside = uniform.clone()
+    inside[0, :, :64, 9] = 0.5
+    inside[0, :, 64:, 9] = 0.0
+    assert torch.isclose(grounding_loss([inside], words), torch.tensor(-0.5))
+    outside = uniform.clone()
+    outside[0, :, :64, 9] = 0.0
+    assert grounding_loss([outside], words) > 0
+    elsewhere = uniform.clone()  # the right cells on another column: no reward
+    elsewhere[0, :, :64, 10] = 0.5
+    assert grounding_loss([elsewhere], words).abs() < 1e-7

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from . import vae
 from .attributes import ATTRIBUTES, IDENTITY_ATTRIBUTES, SUBJECT_PROMPT, Scene
 from .checkpoint import load_notes, save_trained
+from .grounding import grounded_words, grounding_loss, scene_cells
 from .reader import Reader, agreement, subject_present, visible
 from .render import render
 from .text import TextConfig, TextEncoder
@@ -182,6 +183,8 @@ def main() -> None:
     p.add_argument("--localise", type=float, default=0.0,
                    help="weight of the subject words' localisation term (world v2: 0.05; 0 for v1)")
     p.add_argument("--localise-words", default="face,person", help="the subject words the term places on the head")
+    p.add_argument("--ground", type=float, default=0.0,
+                   help="weight of the grounding term: every caption word's attention on its region (grounding.py)")
     p.add_argument("--attn-lr", type=float, default=1.0,
                    help="lr multiplier of the cross-attention queries and keys (10-channel heads' logits start small)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the committed runs: see docs/toy-world.md)")
@@ -201,6 +204,7 @@ def main() -> None:
     attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
     columns = subject_word_columns(args.localise_words.split(","))
     masks_memo: dict[int, torch.Tensor] = {}
+    cells_memo: dict[int, torch.Tensor] = {}
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text).requires_grad_(False)
     step, history, earlier = 0, [], 0  # earlier: steps of the file a warm start began from
@@ -231,7 +235,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed + step)
     gen = torch.Generator().manual_seed(args.seed + step)
     acp = alphas_cumprod()
-    start, losses, shares = time.time(), [], []
+    start, losses, shares, grounds = time.time(), [], [], []
 
     def save() -> None:
         save_trained(args.out, ema, ema_text, notes={"steps": str(earlier + step), "history": json.dumps(history)})
@@ -254,9 +258,11 @@ def main() -> None:
                    for i in idx.tolist()]
         placed = [n for n, (i, text_n) in enumerate(zip(idx.tolist(), prompts))
                   if data_scenes[i].subject and text_n.startswith(SUBJECT_PROMPT)] if args.localise else []
+        grounded = [grounded_words(tokenize(text_n), data_scenes[i], scene_cells(data_scenes[i], cells_memo, i))
+                    if text_n else [] for i, text_n in zip(idx.tolist(), prompts)] if args.ground else []
         maps: list[torch.Tensor] = []
         for m in attn2:
-            m.kept_probs = maps if placed else None
+            m.kept_probs = maps if placed or any(grounded) else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             pred = unet(xt, t.float(), text(prompts))
         for m in attn2:
@@ -273,6 +279,10 @@ def main() -> None:
             local = localisation_loss([mp.float() for mp in maps], rows, masks, columns)
             shares.append((1 - local.item()) / masks.mean().item())
             loss = loss + args.localise * local
+        if any(grounded):
+            ground = grounding_loss([mp.float() for mp in maps], grounded)
+            grounds.append(ground.item())
+            loss = loss + args.ground * ground
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -286,6 +296,7 @@ def main() -> None:
         if step % 50 == 0:
             rate = (time.time() - start) / len(losses)
             placed_share = f" subject words {np.mean(shares[-50:]):.2f}x area" if shares else ""
+            placed_share += f" grounding {np.mean(grounds[-50:]):+.4f}" if grounds else ""
             print(f"step {step} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} {rate:.2f} s/step{placed_share}",
                   flush=True)
         out_of_time = args.max_minutes and time.time() - start > 60 * args.max_minutes
