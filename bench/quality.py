@@ -65,6 +65,8 @@ METHODS: dict[str, dict | None] = {
     "option2": {"token_option": 2},  # start .. end of the prompt
     # design alternatives (issue 24 item 5), not in the default run
     "offsets_only": {},  # the generator's shared layers removed: every token = e + its free offset
+    "common_offsets": {},  # e + c + o_i: one learned common vector and free offsets
+    "bounded": {},  # the generator's layers with bounded residual branches
 }
 DEFAULT_METHODS = ["full", "lambda0", "stages1", "no_kv_split", "plain_ti", "init_word", "words"]
 DESCRIPTIONS = {
@@ -76,24 +78,60 @@ DESCRIPTIONS = {
     "init_word": "init word alone (floor: \"person\")",
     "words": "identity in words (ceiling)",
     "offsets_only": "generator without its shared layers (free offsets only)",
+    "common_offsets": "generator e + c + o_i (one common vector, free offsets)",
+    "bounded": "generator with bounded residual branches",
     "option1": "attention loss on the placeholder's map only (option 1)",
     "option2": "attention loss on the prompt's maps, start to end (option 2)",
 }
 
 
+def _offsets_only(gen):
+    return gen.base + gen.slot_offsets
+
+
+def _common_offsets(gen):
+    # the output layer's bias (zero at the start, shared by every slot) is the one learned common vector c
+    return gen.base + gen.out.bias + gen.slot_offsets
+
+
+def _bounded(gen):
+    # each residual branch adds at most the init word's per-element RMS: the stream cannot grow past a few words'
+    # scale, so its common part cannot drown the slots (issue 31: |h| 40 -> 19 000 in 60 Adam steps)
+    r = gen.base.pow(2).mean().sqrt().clamp_min(1e-3)
+
+    def add(h, branch):
+        return h + r * torch.tanh(branch / r)
+
+    h = (gen.base + gen.slot_queries).unsqueeze(0)
+    x = gen.norm1(h)
+    h = add(h, gen.attn1(x, x, x, need_weights=False)[0])
+    x = gen.norm2(h)
+    h = add(h, gen.attn2(x, x, x, need_weights=False)[0])
+    h = add(h, gen.ff(gen.norm3(h)))
+    return gen.base + gen.out(gen.norm_out(h[0])) / gen.dim + gen.slot_offsets
+
+
+# generator designs measured beside the pack's (issue 24 item 5, issue 31 item 4): tokens of all 2·S slots
+GENERATOR_DESIGNS = {"offsets_only": _offsets_only, "common_offsets": _common_offsets, "bounded": _bounded}
+
+
 @contextlib.contextmanager
-def offsets_only():
-    """TokenGenerator without its shared self-attention / feed-forward / output layers: token_i = e + o_i (what the
-    generator's 7.1 M shared weights add is what this loses). A measurement, not an option of the pack."""
+def generator_design(method: str):
+    """TokenGenerator computing its tokens another way while `method` learns (a measurement, not an option of the
+    pack): offsets_only, token_i = e + o_i (the shared layers' 7.1 M weights removed); common_offsets,
+    e + c + o_i with one learned common vector c; bounded, the pack's layers with bounded residual branches."""
+    if method not in GENERATOR_DESIGNS:
+        yield
+        return
     from sefi_ide.core.generator import TokenGenerator
 
-    forward = TokenGenerator.forward
+    forward, design = TokenGenerator.forward, GENERATOR_DESIGNS[method]
 
-    def offsets(self):
-        tokens = self.base + self.slot_offsets
-        return tokens[: self.num_stages], tokens[self.num_stages:]
+    def tokens(self):
+        out = design(self)
+        return out[: self.num_stages], out[self.num_stages:]
 
-    TokenGenerator.forward = offsets
+    TokenGenerator.forward = tokens
     try:
         yield
     finally:
@@ -161,11 +199,11 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
             learn_s, ident, history, parts = float("nan"), None, [], {}
             if changes is not None:
                 t = time.perf_counter()
-                with offsets_only() if method == "offsets_only" else contextlib.nullcontext():
+                with generator_design(method):
                     result = run_training(model, clip, vae, photo, settings)
-                learn_s = time.perf_counter() - t
-                ident, history = result.identity, result.history
-                parts = generator_parts(ident)
+                    learn_s = time.perf_counter() - t
+                    ident, history = result.identity, result.history
+                    parts = generator_parts(ident)  # through the design's own forward
             elif method == "init_word":
                 ident = toy.init_word_identity(clip)
             attention = (toy.attention_on_subject(model, clip, vae, photo, picture.subject_mask, ident, settings)
@@ -381,7 +419,8 @@ def table(rows: list[dict], attn_lambda: float) -> str:
 
 
 PAIRS = [("full", "lambda0"), ("full", "stages1"), ("full", "no_kv_split"), ("lambda0", "plain_ti"),
-         ("full", "init_word"), ("plain_ti", "init_word"), ("full", "offsets_only")]
+         ("full", "init_word"), ("plain_ti", "init_word"), ("full", "offsets_only"),
+         ("full", "common_offsets"), ("full", "bounded"), ("full", "plain_ti"), ("full", "option1"), ("full", "option2")]
 
 
 def paired_table(rows: list[dict]) -> str:
