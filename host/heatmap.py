@@ -27,6 +27,16 @@ def noised_reference(backend: ComfyTrainingBackend, reference: torch.Tensor, see
     return z0, torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(z0)
 
 
+def identity_stage_maps(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: torch.Tensor, identity: Identity,
+                        stage: int) -> list[torch.Tensor]:
+    """The identity prompt's cross-attention maps (backend's loss layers, each heads x HW x 77) over the noised
+    reference at the middle timestep of `stage`, that stage's K/V tokens in place of the placeholder."""
+    t = torch.tensor([stage_middle_timestep(stage, identity.num_stages)])
+    rows = {enc: torch.stack([identity.k[enc][stage], identity.v[enc][stage]]) for enc in identity.k}
+    ctx, pooled = backend.target_contexts(rows)
+    return backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)[1]
+
+
 def placeholder_attention(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: torch.Tensor, identity: Identity,
                           size: int) -> torch.Tensor:
     """(S, size, size): the placeholder token's attention probability at every pixel, averaged over heads and summed
@@ -34,12 +44,8 @@ def placeholder_attention(backend: ComfyTrainingBackend, z0: torch.Tensor, eps: 
     heats = []
     with torch.no_grad():
         for s in range(identity.num_stages):
-            t = torch.tensor([stage_middle_timestep(s, identity.num_stages)])
-            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
-            ctx, pooled = backend.target_contexts(rows)
-            _, maps = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
             heat = torch.zeros(size, size)
-            for m in maps:
+            for m in identity_stage_maps(backend, z0, eps, identity, s):
                 col = m[..., backend.placeholder_index].float().mean(0)  # mean over heads
                 side = int(col.numel() ** 0.5)
                 heat += F.interpolate(col.reshape(1, 1, side, side).cpu(), size=(size, size), mode="bilinear")[0, 0]

@@ -247,15 +247,14 @@ def attention_gap(model, clip, vae, photo: torch.Tensor, identity, settings) -> 
     from dataclasses import replace
 
     from sefi_ide.core.stages import stage_middle_timestep
+    from sefi_ide.host.heatmap import identity_stage_maps
 
     gaps = []
     with _photo_pass(model, clip, vae, photo, replace(settings, num_stages=identity.num_stages)) as (backend, z0, eps):
         reference, ref_pooled = backend.reference_context()
         for s in range(identity.num_stages):
             t = torch.tensor([stage_middle_timestep(s, identity.num_stages)])
-            rows = {enc: torch.stack([identity.k[enc][s], identity.v[enc][s]]) for enc in identity.k}
-            ctx, pooled = backend.target_contexts(rows)
-            _, learned = backend.predict_noise(z0, eps, t, ctx[:1], ctx[1:], capture=True, pooled=pooled)
+            learned = identity_stage_maps(backend, z0, eps, identity, s)
             _, wanted = backend.predict_noise(z0, eps, t, reference, reference, capture=True, pooled=ref_pooled)
             for a, b in zip(learned, wanted, strict=True):
                 gaps.append(float((a.float() - b.float()).pow(2).sum((1, 2)).mean() * 256 / a.shape[1]))
