@@ -164,6 +164,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=80, help="active UNet channels of 320 (multiple of 40)")
     p.add_argument("--data", type=int, default=40_000, help="renders of trained identities to train on")
     p.add_argument("--omit", type=float, default=0.15, help="chance a caption leaves out an attribute")
+    p.add_argument("--heads", type=int, default=8, help="attention heads in use, width // heads channels each "
+                   "(world v2: all 8 of SD1's; v1 had width // 40)")
     p.add_argument("--no-subject", type=float, default=0.2, help="share of pictures without a head")
     p.add_argument("--no-identity", type=float, default=0.1,
                    help="chance a caption with a subject leaves out every identity attribute")
@@ -185,6 +187,9 @@ def main() -> None:
     p.add_argument("--localise-words", default="face,person", help="the subject words the term places on the head")
     p.add_argument("--ground", type=float, default=0.0,
                    help="weight of the grounding term: every caption word's attention on its region (grounding.py)")
+    p.add_argument("--q-gain", type=float, default=1.0,
+                   help="scale of the fresh cross-attention queries' init (2: a 10-channel head's logits at the "
+                        "scale 1/sqrt(10) would give, under the shell's 1/sqrt(40))")
     p.add_argument("--attn-lr", type=float, default=1.0,
                    help="lr multiplier of the cross-attention queries and keys (10-channel heads' logits start small)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the committed runs: see docs/toy-world.md)")
@@ -193,9 +198,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     latents, data_scenes = latent_set(args.data, args.seed, args.no_subject)
-    unet = SlimUNet(SlimConfig(args.width, 2 * args.width, 4 * args.width))
+    unet = SlimUNet(SlimConfig(args.width, 2 * args.width, 4 * args.width, heads=args.heads))
     text = TextEncoder(TextConfig(layers=args.text_layers) if args.text_layers else TextConfig.bag_of_words(),
                        args.seed)
+    with torch.no_grad():  # a fresh start's queries (a resumed or warm-started run loads its own over them)
+        for name, m in unet.named_modules():
+            if name.endswith("attn2.to_q"):
+                m.weight.mul_(args.q_gain)
     params = list(unet.parameters()) + list(text.parameters())
     fast = {id(m.weight) for name, m in unet.named_modules() if name.endswith(("attn2.to_q", "attn2.to_k"))}
     groups = [{"params": [q for q in params if id(q) not in fast], "mult": 1.0},
@@ -210,7 +219,8 @@ def main() -> None:
     step, history, earlier = 0, [], 0  # earlier: steps of the file a warm start began from
     if args.state.exists():
         state = torch.load(args.state, weights_only=False)
-        if all(state["args"].get(k) == getattr(args, k) for k in ("width", "no_subject", "text_layers")):
+        trained_as = {"heads": 8} | state["args"]  # states from before --heads used all 8
+        if all(trained_as.get(k) == getattr(args, k) for k in ("width", "heads", "no_subject", "text_layers")):
             unet.load_state_dict(state["unet"])
             text.load_state_dict(state["text"])
             ema.load_state_dict(state["ema"])
