@@ -44,25 +44,33 @@ def label_cells(labels: np.ndarray) -> torch.Tensor:
 
 
 def scene_cells(scene: Scene, memo: dict[int, torch.Tensor], key: int) -> torch.Tensor:
+    """label_cells of the scene's render, memoised under `key` (a training run's data index)."""
     if key not in memo:
         memo[key] = label_cells(render(scene).labels)
     return memo[key]
 
 
-def grounded_words(tokens: list[int], scene: Scene, cells: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+def region_cover(cells: torch.Tensor, labels: tuple[int, ...]) -> torch.Tensor:
+    """(256,) the share 0..1 of each latent cell that shows any of `labels` (cells: label_cells' counts)."""
+    pixels_per_cell = int(cells.sum(0)[0])
+    return cells[list(labels)].sum(0).float() / pixels_per_cell
+
+
+def grounded_words(tokens: list[int], scene: Scene, cells: torch.Tensor,
+                   ids: dict[str, int] | None = None) -> list[tuple[int, torch.Tensor]]:
     """(token column, cell coverage 0..1 of its region) for each word of the caption `tokens` that names something
-    the picture shows; words whose region is empty (an object hidden by nothing: never; kept general) are skipped."""
-    ids = load_token_ids()
+    the picture shows and covers at least part of a cell. `ids`: load_token_ids(), read once by a training loop."""
+    ids = ids or load_token_ids()
     out = []
     opening = tokens[1:1 + len(SUBJECT_PROMPT.split())]
     if scene.subject and opening == [ids[w] for w in SUBJECT_PROMPT.split()]:
-        region = cells[list(LABEL_SUBJECT)].sum(0).float() / 64
+        region = region_cover(cells, LABEL_SUBJECT)
         out += [(1 + SUBJECT_PROMPT.split().index(w), region) for w in SUBJECT_WORDS]
     for attribute in scene.shown:
         word = ids[scene.values[attribute]]
         if word not in tokens:
             continue
-        region = cells[list(REGIONS[attribute])].sum(0).float() / 64
+        region = region_cover(cells, REGIONS[attribute])
         if region.sum() > 0:
             out.append((tokens.index(word), region))
     return out

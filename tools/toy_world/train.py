@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from . import vae
 from .attributes import ATTRIBUTES, IDENTITY_ATTRIBUTES, SUBJECT_PROMPT, Scene
 from .checkpoint import load_notes, save_trained
-from .grounding import grounded_words, grounding_loss, scene_cells
+from .grounding import grounded_words, grounding_loss, region_cover, scene_cells
 from .reader import Reader, agreement, subject_present, visible
-from .render import render
+from .render import LABEL_SUBJECT, render
 from .text import TextConfig, TextEncoder
 from .tokens import load_token_ids, tokenize
 from .unet import SlimConfig, SlimUNet
@@ -84,15 +84,11 @@ def training_caption(scene: Scene, rng: np.random.Generator, omit: float, empty:
 
 
 # --- where the subject words look (world v2's localisation term) ---------------------------------------------------
-LATENT_SIDE = 16
-
 
 def subject_grid(scene: Scene, memo: dict[int, torch.Tensor], key: int) -> torch.Tensor:
-    """The share of each latent cell (16 x 16, flattened) that the subject's head covers, from the scene's render."""
-    if key not in memo:
-        mask = torch.from_numpy(render(scene).subject_mask.astype(np.float32))
-        memo[key] = F.adaptive_avg_pool2d(mask[None], LATENT_SIDE).flatten()
-    return memo[key]
+    """The share of each latent cell (16 x 16, flattened) that the subject's head covers, from the scene's render
+    (its label cells, memoised in `memo` under `key`, shared with the grounding term)."""
+    return region_cover(scene_cells(scene, memo, key), LABEL_SUBJECT)
 
 
 def subject_word_columns(words: list[str]) -> list[int]:
@@ -212,8 +208,8 @@ def main() -> None:
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
     columns = subject_word_columns(args.localise_words.split(","))
-    masks_memo: dict[int, torch.Tensor] = {}
-    cells_memo: dict[int, torch.Tensor] = {}
+    cells_memo: dict[int, torch.Tensor] = {}  # each data picture's label cells, rendered once
+    token_ids = load_token_ids()
     ema = copy.deepcopy(unet).requires_grad_(False)
     ema_text = copy.deepcopy(text).requires_grad_(False)
     step, history, earlier = 0, [], 0  # earlier: steps of the file a warm start began from
@@ -268,7 +264,8 @@ def main() -> None:
                    for i in idx.tolist()]
         placed = [n for n, (i, text_n) in enumerate(zip(idx.tolist(), prompts))
                   if data_scenes[i].subject and text_n.startswith(SUBJECT_PROMPT)] if args.localise else []
-        grounded = [grounded_words(tokenize(text_n), data_scenes[i], scene_cells(data_scenes[i], cells_memo, i))
+        grounded = [grounded_words(tokenize(text_n, token_ids), data_scenes[i],
+                                   scene_cells(data_scenes[i], cells_memo, i), token_ids)
                     if text_n else [] for i, text_n in zip(idx.tolist(), prompts)] if args.ground else []
         maps: list[torch.Tensor] = []
         for m in attn2:
@@ -277,6 +274,7 @@ def main() -> None:
             pred = unet(xt, t.float(), text(prompts))
         for m in attn2:
             m.kept_probs = None
+        maps = [mp.float() for mp in maps]  # bfloat16 under autocast; the terms below are float32 sums
         per_item = F.mse_loss(pred.float(), noise, reduction="none").mean((1, 2, 3))
         if args.min_snr > 0:  # epsilon-prediction min-SNR weight: min(snr, gamma) / snr
             snr = (a / (1 - a)).flatten()
@@ -285,12 +283,12 @@ def main() -> None:
         losses.append(loss.item())
         if placed:
             rows = torch.tensor(placed)
-            masks = torch.stack([subject_grid(data_scenes[i], masks_memo, i) for i in idx[rows].tolist()])
-            local = localisation_loss([mp.float() for mp in maps], rows, masks, columns)
+            masks = torch.stack([subject_grid(data_scenes[i], cells_memo, i) for i in idx[rows].tolist()])
+            local = localisation_loss(maps, rows, masks, columns)
             shares.append((1 - local.item()) / masks.mean().item())
             loss = loss + args.localise * local
         if any(grounded):
-            ground = grounding_loss([mp.float() for mp in maps], grounded)
+            ground = grounding_loss(maps, grounded)
             grounds.append(ground.item())
             loss = loss + args.ground * ground
         opt.zero_grad(set_to_none=True)
