@@ -186,6 +186,13 @@ def main() -> None:
     p.add_argument("--q-gain", type=float, default=1.0,
                    help="scale of the fresh cross-attention queries' init (2: a 10-channel head's logits at the "
                         "scale 1/sqrt(10) would give, under the shell's 1/sqrt(40))")
+    p.add_argument("--position-init", type=float, default=0.01,
+                   help="std of the fresh position embeddings' init (0: start from none, as v1's words)")
+    p.add_argument("--text-init", type=float, default=1.0,
+                   help="scale of the fresh text layer's output projections' init (0: the layer starts as exactly "
+                        "the bag of words; at 1 its random outputs are as long as a CLIP-scale word row)")
+    p.add_argument("--text-lr", type=float, default=1.0,
+                   help="lr multiplier of the text layers and position embeddings (the word rows keep the lr)")
     p.add_argument("--attn-lr", type=float, default=1.0,
                    help="lr multiplier of the cross-attention queries and keys (10-channel heads' logits start small)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the committed runs: see docs/toy-world.md)")
@@ -201,10 +208,18 @@ def main() -> None:
         for name, m in unet.named_modules():
             if name.endswith("attn2.to_q"):
                 m.weight.mul_(args.q_gain)
+        if text.position is not None:
+            text.position.mul_(args.position_init / 0.01)
+        for layer in text.layers:
+            for m in (layer.out_proj, layer.fc2):
+                m.weight.mul_(args.text_init)
     params = list(unet.parameters()) + list(text.parameters())
     fast = {id(m.weight) for name, m in unet.named_modules() if name.endswith(("attn2.to_q", "attn2.to_k"))}
-    groups = [{"params": [q for q in params if id(q) not in fast], "mult": 1.0},
-              {"params": [q for q in params if id(q) in fast], "mult": args.attn_lr}]
+    contextual = {id(q) for q in text.layers.parameters()} | ({id(text.position)} if text.position is not None else set())
+    groups = [{"params": [q for q in params if id(q) not in fast | contextual], "mult": 1.0},
+              {"params": [q for q in params if id(q) in fast], "mult": args.attn_lr},
+              {"params": [q for q in params if id(q) in contextual], "mult": args.text_lr}]
+    groups = [g for g in groups if g["params"]]  # a bag-of-words encoder has no contextual part
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     attn2 = [m for name, m in unet.named_modules() if name.endswith("attn2")]
     columns = subject_word_columns(args.localise_words.split(","))
