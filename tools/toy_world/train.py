@@ -183,6 +183,9 @@ def main() -> None:
     p.add_argument("--localise-words", default="face,person", help="the subject words the term places on the head")
     p.add_argument("--ground", type=float, default=0.0,
                    help="weight of the grounding term: every caption word's attention on its region (grounding.py)")
+    p.add_argument("--ground-subject-only", action="store_true",
+                   help="ground only the subject words ('face', 'person'): the balanced form raises their mass on "
+                        "the head, where --localise's share can be met by a word attending little")
     p.add_argument("--q-gain", type=float, default=1.0,
                    help="scale of the fresh cross-attention queries' init (2: a 10-channel head's logits at the "
                         "scale 1/sqrt(10) would give, under the shell's 1/sqrt(40))")
@@ -282,6 +285,8 @@ def main() -> None:
         grounded = [grounded_words(tokenize(text_n, token_ids), data_scenes[i],
                                    scene_cells(data_scenes[i], cells_memo, i), token_ids)
                     if text_n else [] for i, text_n in zip(idx.tolist(), prompts)] if args.ground else []
+        if args.ground_subject_only:
+            grounded = [[g for g in words if g[0] in columns] for words in grounded]
         maps: list[torch.Tensor] = []
         for m in attn2:
             m.kept_probs = maps if placed or any(grounded) else None
