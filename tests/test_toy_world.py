@@ -390,3 +390,30 @@ def test_grounding_term_rewards_attention_inside_each_words_region():
     elsewhere = uniform.clone()  # the right cells on another column: no reward
     elsewhere[0, :, :64, 10] = 0.5
     assert grounding_loss([elsewhere], words).abs() < 1e-7
+
+
+def test_a_fresh_run_with_quiet_text_init_starts_as_the_bag_of_words_and_still_learns_context():
+    """World v2's training recipe (train.py --position-init 0 --text-init 0): the contextual encoder begins as exactly
+    final_layer_norm(row of each token) — no random mixing as long as a CLIP-scale row — while its layer and positions
+    keep gradients, so context can grow from there; --text-lr reaches those weights and not the word rows."""
+    from sefi_ide.tools.toy_world.train import contextual_parameters, fresh_start
+
+    torch.manual_seed(0)
+    prompt = "a photo of the face of person, oval face, at night"
+    text = TextEncoder(TextConfig(), seed=3)
+    unet = SlimUNet(SlimConfig(80, 160, 200))
+    fresh_start(unet, text, q_gain=1.0, position_init=0.0, text_init=0.0)
+    context = text([prompt])[0]
+    tokens = torch.tensor(tokenize(prompt))
+    bag = text.norm(text.rows[text.index[tokens]])
+    assert torch.allclose(context, bag, atol=1e-5), (context - bag).abs().max()
+    context.pow(2).sum().backward()
+    layer = text.layers[0]
+    assert layer.out_proj.weight.grad.abs().max() > 0 and layer.fc2.weight.grad.abs().max() > 0
+    assert {id(p) for p in contextual_parameters(text)} == {id(p) for p in [*layer.parameters(), text.position]}
+
+    noisy = TextEncoder(TextConfig(), seed=3)  # the default init: a row's context is far from its bag-of-words one
+    fresh_start(SlimUNet(SlimConfig(80, 160, 200)), noisy, q_gain=1.0, position_init=0.01, text_init=1.0)
+    with torch.no_grad():
+        drift = (noisy([prompt])[0] - noisy.norm(noisy.rows[noisy.index[tokens]])).norm(dim=-1)
+    assert drift.min() > 1.0, drift

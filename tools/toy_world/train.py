@@ -152,6 +152,28 @@ def evaluate(unet: SlimUNet, text: TextEncoder, reader: Reader, count: int = 48,
 
 
 # --- training ---------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def fresh_start(unet: SlimUNet, text: TextEncoder, q_gain: float, position_init: float, text_init: float) -> None:
+    """Scales a fresh run's initial weights (a resumed or warm-started run loads its own over them): the
+    cross-attention queries by `q_gain`, the position embeddings to std `position_init` and the text layers' output
+    projections by `text_init`. At 0 and 0 the encoder starts as exactly the bag of words final_layer_norm(row): at
+    their defaults (0.01, 1) a CLIP-scale row (0.4 long) starts under random positions and mixing as long as itself,
+    which the UNet first has to see through (world v2's slow start, docs/toy-world.md)."""
+    for name, m in unet.named_modules():
+        if name.endswith("attn2.to_q"):
+            m.weight.mul_(q_gain)
+    if text.position is not None:
+        text.position.mul_(position_init / 0.01)
+    for layer in text.layers:
+        for m in (layer.out_proj, layer.fc2):
+            m.weight.mul_(text_init)
+
+
+def contextual_parameters(text: TextEncoder) -> list[torch.nn.Parameter]:
+    """The text layers' and position embeddings' weights (--text-lr), apart from the word rows."""
+    return list(text.layers.parameters()) + ([text.position] if text.position is not None else [])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=6000)
@@ -207,18 +229,10 @@ def main() -> None:
     unet = SlimUNet(SlimConfig(args.width, 2 * args.width, 4 * args.width, heads=args.heads))
     text = TextEncoder(TextConfig(layers=args.text_layers) if args.text_layers else TextConfig.bag_of_words(),
                        args.seed)
-    with torch.no_grad():  # a fresh start's queries (a resumed or warm-started run loads its own over them)
-        for name, m in unet.named_modules():
-            if name.endswith("attn2.to_q"):
-                m.weight.mul_(args.q_gain)
-        if text.position is not None:
-            text.position.mul_(args.position_init / 0.01)
-        for layer in text.layers:
-            for m in (layer.out_proj, layer.fc2):
-                m.weight.mul_(args.text_init)
+    fresh_start(unet, text, args.q_gain, args.position_init, args.text_init)
     params = list(unet.parameters()) + list(text.parameters())
     fast = {id(m.weight) for name, m in unet.named_modules() if name.endswith(("attn2.to_q", "attn2.to_k"))}
-    contextual = {id(q) for q in text.layers.parameters()} | ({id(text.position)} if text.position is not None else set())
+    contextual = {id(q) for q in contextual_parameters(text)}
     groups = [{"params": [q for q in params if id(q) not in fast | contextual], "mult": 1.0},
               {"params": [q for q in params if id(q) in fast], "mult": args.attn_lr},
               {"params": [q for q in params if id(q) in contextual], "mult": args.text_lr}]
