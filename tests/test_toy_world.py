@@ -366,6 +366,9 @@ def test_grounding_gives_each_caption_word_its_drawn_region():
     background = torch.from_numpy(drawn.labels == LABELS["background"]).float().reshape(16, 8, 16, 8).mean((1, 3))
     assert torch.allclose(grounded[tokens.index(ids[scene.values["scene"]])], background.flatten())
     assert {tokens[c] for c in grounded} == {ids[scene.values[a]] for a in ATTRIBUTES} | {ids["face"], ids["person"]}
+    subject_only = dict(grounded_words(tokens, scene, cells, attributes=False))  # train.py --ground-subject-only
+    assert {tokens[c] for c in subject_only} == {ids["face"], ids["person"]}
+    assert all(torch.equal(region, grounded[c]) for c, region in subject_only.items())
     no_subject = next(s for s in scenes(4, 50, trained_identities(), no_subject=1.0) if s.has_object)
     words = grounded_words(tokenize(scene_caption(no_subject)), no_subject, label_cells(render(no_subject).labels))
     assert {tokenize(scene_caption(no_subject))[c] for c, _ in words} == {

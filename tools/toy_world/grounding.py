@@ -57,16 +57,17 @@ def region_cover(cells: torch.Tensor, labels: tuple[int, ...]) -> torch.Tensor:
 
 
 def grounded_words(tokens: list[int], scene: Scene, cells: torch.Tensor,
-                   ids: dict[str, int] | None = None) -> list[tuple[int, torch.Tensor]]:
+                   ids: dict[str, int] | None = None, attributes: bool = True) -> list[tuple[int, torch.Tensor]]:
     """(token column, cell coverage 0..1 of its region) for each word of the caption `tokens` that names something
-    the picture shows and covers at least part of a cell. `ids`: load_token_ids(), read once by a training loop."""
+    the picture shows and covers at least part of a cell; with `attributes` False only the subject words.
+    `ids`: load_token_ids(), read once by a training loop."""
     ids = ids or load_token_ids()
     out = []
     opening = tokens[1:1 + len(SUBJECT_PROMPT.split())]
     if scene.subject and opening == [ids[w] for w in SUBJECT_PROMPT.split()]:
         region = region_cover(cells, LABEL_SUBJECT)
         out += [(1 + SUBJECT_PROMPT.split().index(w), region) for w in SUBJECT_WORDS]
-    for attribute in scene.shown:
+    for attribute in scene.shown if attributes else ():
         word = ids[scene.values[attribute]]
         if word not in tokens:
             continue

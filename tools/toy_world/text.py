@@ -24,6 +24,7 @@ CLIP_WIDTH, CLIP_HEADS, CLIP_HEAD_DIM, CLIP_MLP, CLIP_VOCAB = 768, 12, 64, 3072,
 # CLIP-L's vocabulary rows are about 0.4 in norm (Kim et al. 2025, "Directional Textual Inversion", arXiv 2512.13672,
 # who report textual inversion's learned rows inflating past 20); the toy's rows are held exactly there.
 ROW_NORM = 0.4
+POSITION_INIT_STD = 0.01  # a fresh encoder's position embeddings (train.py --position-init rescales them)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class TextEncoder(nn.Module):
         self.ids = text_token_ids()
         gen = torch.Generator().manual_seed(seed)
         self.raw_rows = nn.Parameter(torch.randn(len(self.ids), CLIP_WIDTH, generator=gen))
-        self.position = (nn.Parameter(0.01 * torch.randn(CONTEXT_LENGTH, CLIP_WIDTH, generator=gen))
+        self.position = (nn.Parameter(POSITION_INIT_STD * torch.randn(CONTEXT_LENGTH, CLIP_WIDTH, generator=gen))
                          if cfg.positions else None)
         self.layers = nn.ModuleList(TextLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(CLIP_WIDTH)

@@ -39,7 +39,7 @@ from .checkpoint import load_notes, save_trained
 from .grounding import grounded_words, grounding_loss, region_cover, scene_cells
 from .reader import Reader, agreement, subject_present, visible
 from .render import LABEL_SUBJECT, render
-from .text import TextConfig, TextEncoder
+from .text import POSITION_INIT_STD, TextConfig, TextEncoder
 from .tokens import load_token_ids, tokenize
 from .unet import SlimConfig, SlimUNet
 from .world import caption, scene_caption, scenes, trained_identities
@@ -163,7 +163,7 @@ def fresh_start(unet: SlimUNet, text: TextEncoder, q_gain: float, position_init:
         if name.endswith("attn2.to_q"):
             m.weight.mul_(q_gain)
     if text.position is not None:
-        text.position.mul_(position_init / 0.01)
+        text.position.mul_(position_init / POSITION_INIT_STD)
     for layer in text.layers:
         for m in (layer.out_proj, layer.fc2):
             m.weight.mul_(text_init)
@@ -211,7 +211,7 @@ def main() -> None:
     p.add_argument("--q-gain", type=float, default=1.0,
                    help="scale of the fresh cross-attention queries' init (2: a 10-channel head's logits at the "
                         "scale 1/sqrt(10) would give, under the shell's 1/sqrt(40))")
-    p.add_argument("--position-init", type=float, default=0.01,
+    p.add_argument("--position-init", type=float, default=POSITION_INIT_STD,
                    help="std of the fresh position embeddings' init (0: start from none, as v1's words)")
     p.add_argument("--text-init", type=float, default=1.0,
                    help="scale of the fresh text layer's output projections' init (0: the layer starts as exactly "
@@ -297,10 +297,9 @@ def main() -> None:
         placed = [n for n, (i, text_n) in enumerate(zip(idx.tolist(), prompts))
                   if data_scenes[i].subject and text_n.startswith(SUBJECT_PROMPT)] if args.localise else []
         grounded = [grounded_words(tokenize(text_n, token_ids), data_scenes[i],
-                                   scene_cells(data_scenes[i], cells_memo, i), token_ids)
+                                   scene_cells(data_scenes[i], cells_memo, i), token_ids,
+                                   attributes=not args.ground_subject_only)
                     if text_n else [] for i, text_n in zip(idx.tolist(), prompts)] if args.ground else []
-        if args.ground_subject_only:
-            grounded = [[g for g in words if g[0] in columns] for words in grounded]
         maps: list[torch.Tensor] = []
         for m in attn2:
             m.kept_probs = maps if placed or any(grounded) else None
