@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 import harness
 import toy_models as toy
 
-from tools.toy_world.attributes import IDENTITY_ATTRIBUTES, identity_values
-from tools.toy_world.reader import Reader
+from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
+from tools.toy_world.reader import Reader, visible
 from tools.toy_world.render import render
-from tools.toy_world.world import held_out_identities
+from tools.toy_world.world import caption, held_out_identities
 
 # name -> TrainSettings changes (None: nothing is learned)
 METHODS: dict[str, dict | None] = {
@@ -67,6 +67,9 @@ METHODS: dict[str, dict | None] = {
     "offsets_only": {},  # the generator's shared layers removed: every token = e + its free offset
     "common_offsets": {},  # e + c + o_i: one learned common vector and free offsets
     "bounded": {},  # the generator's layers with bounded residual branches
+    "masked": {},  # the default with the photo's subject mask on the Learn node's mask input (L_LDM on the head only)
+    "described": {},  # the default with the photo's context in the reference prompt ("... of {word}, smiling, ...")
+    "described_lambda0": {"attn_lambda": 0.0},  # the same, without the attention loss
 }
 DEFAULT_METHODS = ["full", "lambda0", "stages1", "no_kv_split", "plain_ti", "init_word", "words"]
 DESCRIPTIONS = {
@@ -80,6 +83,9 @@ DESCRIPTIONS = {
     "offsets_only": "generator without its shared layers (free offsets only)",
     "common_offsets": "generator e + c + o_i (one common vector, free offsets)",
     "bounded": "generator with bounded residual branches",
+    "masked": "full method, denoising loss inside the subject's mask",
+    "described": "full method, the photo's context in the reference prompt",
+    "described_lambda0": "λ = 0, the photo's context in the reference prompt",
     "option1": "attention loss on the placeholder's map only (option 1)",
     "option2": "attention loss on the prompt's maps, start to end (option 2)",
 }
@@ -192,15 +198,19 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
     for n, identity in enumerate(pool_identities(args.pool)[: args.identities]):
         if n % args.shard[1] != args.shard[0]:
             continue
-        _, picture, photo, contexts = toy.photo_and_prompts(identity, args.prompts, n)
+        scene, picture, photo, contexts = toy.photo_and_prompts(identity, args.prompts, n)
         for method in args.methods:
             changes = METHODS[method]
             settings = replace(base, **(changes or {}))
+            if method.startswith("described"):  # what a user would type about the photo: the words of its context
+                photo_context = {a: scene.values[a] for a in CONTEXT_ATTRIBUTES}
+                settings = replace(settings, reference_prompt=caption(photo_context, subject=toy.SUBJECT.format("{word}")))
             learn_s, ident, history, parts = float("nan"), None, [], {}
             if changes is not None:
                 t = time.perf_counter()
                 with generator_design(method):
-                    result = run_training(model, clip, vae, photo, settings)
+                    mask = torch.from_numpy(picture.subject_mask.astype("float32"))[None] if method == "masked" else None
+                    result = run_training(model, clip, vae, photo, settings, mask)
                     learn_s = time.perf_counter() - t
                     ident, history = result.identity, result.history
                     parts = generator_parts(ident)  # through the design's own forward
@@ -217,13 +227,14 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 for seed in range(args.seeds):
                     images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
                                           args.sample_steps, args.cfg)
+                    reads = reader.read(images)  # which context attributes went wrong (the prompt score's parts)
                     for i, (id_score, prompt_score, present) in enumerate(toy.scores(reader, images, values)):
                         done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant,
                                      "learn_seed": args.learn_seed, "prompt": p, "seed": seed, "picture": i,
                                      "identity_score": id_score, "prompt_score": prompt_score,
                                      "no_subject": float(not present), "attention": attention, "attention_gap": gap,
                                      "learn_s": learn_s,
-                                     "text": text,
+                                     "text": text, "context_misses": context_misses(reads[i], values),
                                      # the losses' means over the run: how large λ·L_attn is beside L_LDM
                                      "l_ldm": mean(history, "ldm"), "l_attn": mean(history, "attn"), **parts})
             rows += done
@@ -234,6 +245,11 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 with open(args.out, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in done)
     return rows
+
+
+def context_misses(read: dict[str, str], values: dict[str, str]) -> list[str]:
+    """The context attributes the picture shows that the reader read otherwise than the prompt asked."""
+    return [a for a in CONTEXT_ATTRIBUTES if a in visible(values) and read[a] != values[a]]
 
 
 def pictures(args: argparse.Namespace, model, clip, vae, reader: Reader) -> list[Path]:
@@ -465,6 +481,20 @@ def generator_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def misses_table(rows: list[dict]) -> str:
+    """Per (variant, method): how often each context attribute was drawn otherwise than asked ('' when no row has
+    context_misses): which part of the prompt a learned identity overrides."""
+    sel_rows = [r for r in rows if "context_misses" in r]
+    if not sel_rows:
+        return ""
+    lines = ["| method | " + " | ".join(CONTEXT_ATTRIBUTES) + " |", "|---|" + "---|" * len(CONTEXT_ATTRIBUTES)]
+    for key in dict.fromkeys(run_key(r) for r in sel_rows):
+        sel = [r for r in sel_rows if run_key(r) == key]
+        rates = [statistics.fmean(a in r["context_misses"] for r in sel) for a in CONTEXT_ATTRIBUTES]
+        lines.append(f"| {run_name(key)} | " + " | ".join(f"{x:.3f}" for x in rates) + " |")
+    return "\n".join(lines)
+
+
 def parse_setting(text: str) -> tuple[str, object]:
     """'name=value' -> (name, value typed like TrainSettings' field)."""
     from sefi_ide.core.settings import TrainSettings
@@ -541,6 +571,9 @@ def main() -> None:
     if generators:
         text += ("\n\nThe learned generators' parts (token - e = shared layers' output + free offset; norms):\n\n"
                  + generators)
+    misses = misses_table(rows)
+    if misses:
+        text += "\n\nShare of pictures drawing a context attribute otherwise than asked:\n\n" + misses
     print(header)
     print(text)
     if args.record:
