@@ -436,7 +436,8 @@ def table(rows: list[dict], attn_lambda: float) -> str:
 
 PAIRS = [("full", "lambda0"), ("full", "stages1"), ("full", "no_kv_split"), ("lambda0", "plain_ti"),
          ("full", "init_word"), ("plain_ti", "init_word"), ("full", "offsets_only"),
-         ("full", "common_offsets"), ("full", "bounded"), ("full", "plain_ti"), ("full", "option1"), ("full", "option2")]
+         ("full", "common_offsets"), ("full", "bounded"), ("full", "plain_ti"), ("full", "option1"), ("full", "option2"),
+         ("masked", "full"), ("described", "full"), ("described_lambda0", "lambda0")]
 
 
 def paired_table(rows: list[dict]) -> str:
