@@ -38,6 +38,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ import toy_models as toy
 from tools.toy_world.attributes import CONTEXT_ATTRIBUTES, IDENTITY_ATTRIBUTES, identity_values
 from tools.toy_world.reader import Reader, visible
 from tools.toy_world.render import render
-from tools.toy_world.world import caption, held_out_identities
+from tools.toy_world.world import caption, held_out_identities, sample_scene
 
 # name -> TrainSettings changes (None: nothing is learned)
 METHODS: dict[str, dict | None] = {
@@ -70,6 +71,7 @@ METHODS: dict[str, dict | None] = {
     "masked": {},  # the default with the photo's subject mask on the Learn node's mask input (L_LDM on the head only)
     "described": {},  # the default with the photo's context in the reference prompt ("... of {word}, smiling, ...")
     "described_lambda0": {"attn_lambda": 0.0},  # the same, without the attention loss
+    "photos3": {},  # the default with two more photos of the person (more_photos), each with another expression
 }
 DEFAULT_METHODS = ["full", "lambda0", "stages1", "no_kv_split", "plain_ti", "init_word", "words"]
 DESCRIPTIONS = {
@@ -86,6 +88,7 @@ DESCRIPTIONS = {
     "masked": "full method, denoising loss inside the subject's mask",
     "described": "full method, the photo's context in the reference prompt",
     "described_lambda0": "λ = 0, the photo's context in the reference prompt",
+    "photos3": "full method, three photos (the other two expressions too)",
     "option1": "attention loss on the placeholder's map only (option 1)",
     "option2": "attention loss on the prompt's maps, start to end (option 2)",
 }
@@ -210,7 +213,8 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 t = time.perf_counter()
                 with generator_design(method):
                     mask = torch.from_numpy(picture.subject_mask.astype("float32"))[None] if method == "masked" else None
-                    result = run_training(model, clip, vae, photo, settings, mask)
+                    more = other_expressions(identity, scene) if method == "photos3" else None
+                    result = run_training(model, clip, vae, photo, settings, mask, more_photos=more)
                     learn_s = time.perf_counter() - t
                     ident, history = result.identity, result.history
                     parts = generator_parts(ident)  # through the design's own forward
@@ -245,6 +249,16 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 with open(args.out, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in done)
     return rows
+
+
+def other_expressions(identity: tuple[str, ...], scene) -> torch.Tensor:
+    """Photos of `identity` with each expression the photo `scene` does not show (the rest of their context drawn at
+    random, fixed by the identity), as one ComfyUI IMAGE batch: what `more_photos` gets from a user who has them."""
+    key = [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
+    others = [e for e in CONTEXT_ATTRIBUTES["expression"] if e != scene.values["expression"]]
+    scenes = [sample_scene(np.random.default_rng([toy.PHOTO_SEED, k + 1, *key]), identity=identity,
+                           context={"expression": e}) for k, e in enumerate(others)]
+    return torch.cat([toy.image_tensor(render(s).image) for s in scenes])
 
 
 def context_misses(read: dict[str, str], values: dict[str, str]) -> list[str]:
@@ -437,7 +451,7 @@ def table(rows: list[dict], attn_lambda: float) -> str:
 PAIRS = [("full", "lambda0"), ("full", "stages1"), ("full", "no_kv_split"), ("lambda0", "plain_ti"),
          ("full", "init_word"), ("plain_ti", "init_word"), ("full", "offsets_only"),
          ("full", "common_offsets"), ("full", "bounded"), ("full", "plain_ti"), ("full", "option1"), ("full", "option2"),
-         ("masked", "full"), ("described", "full"), ("described_lambda0", "lambda0")]
+         ("masked", "full"), ("described", "full"), ("described_lambda0", "lambda0"), ("photos3", "full")]
 
 
 def paired_table(rows: list[dict]) -> str:
