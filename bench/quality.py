@@ -38,7 +38,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,8 +230,8 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
                 for seed in range(args.seeds):
                     images = toy.generate(model, clip, vae, text, ident, 1000 + seed, args.per_seed,
                                           args.sample_steps, args.cfg)
-                    reads = reader.read(images)  # which context attributes went wrong (the prompt score's parts)
-                    for i, (id_score, prompt_score, present) in enumerate(toy.scores(reader, images, values)):
+                    reads = reader.read(images)  # read once: the scores and which context attributes went wrong
+                    for i, (id_score, prompt_score, present) in enumerate(toy.read_scores(reads, values)):
                         done.append({"identity": n, "pool": args.pool, "method": method, "variant": args.variant,
                                      "learn_seed": args.learn_seed, "prompt": p, "seed": seed, "picture": i,
                                      "identity_score": id_score, "prompt_score": prompt_score,
@@ -254,10 +253,9 @@ def run(args: argparse.Namespace, model, clip, vae, reader: Reader, log=print) -
 def other_expressions(identity: tuple[str, ...], scene) -> torch.Tensor:
     """Photos of `identity` with each expression the photo `scene` does not show (the rest of their context drawn at
     random, fixed by the identity), as one ComfyUI IMAGE batch: what `more_photos` gets from a user who has them."""
-    key = [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
     others = [e for e in CONTEXT_ATTRIBUTES["expression"] if e != scene.values["expression"]]
-    scenes = [sample_scene(np.random.default_rng([toy.PHOTO_SEED, k + 1, *key]), identity=identity,
-                           context={"expression": e}) for k, e in enumerate(others)]
+    scenes = [sample_scene(toy.photo_rng(identity, k + 1), identity=identity, context={"expression": e})
+              for k, e in enumerate(others)]
     return torch.cat([toy.image_tensor(render(s).image) for s in scenes])
 
 

@@ -86,10 +86,15 @@ def tuning_identities() -> list[tuple[str, ...]]:
     return [trained[i] for i in np.random.default_rng(TUNING_SEED).permutation(len(trained))]
 
 
+def photo_rng(identity: tuple[str, ...], *extra: int) -> np.random.Generator:
+    """The random stream of `identity`'s photo (`extra` keys: further photos of the same identity)."""
+    key = [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
+    return np.random.default_rng([PHOTO_SEED, *extra, *key])
+
+
 def photo_scene(identity: tuple[str, ...]):
     """The one picture of `identity`: a random context and jitter, fixed by the identity and PHOTO_SEED."""
-    key = [PHOTO_SEED] + [list(IDENTITY_ATTRIBUTES[a]).index(v) for a, v in identity_values(identity).items()]
-    return sample_scene(np.random.default_rng(key), identity=identity)
+    return sample_scene(photo_rng(identity), identity=identity)
 
 
 def prompt_contexts(photo_context: dict[str, str], count: int, key: int) -> list[dict[str, str]]:
@@ -153,8 +158,13 @@ def scores(reader: Reader, images: torch.Tensor, values: dict[str, str]) -> list
     """(identity score, prompt score, subject drawn) of each picture: the shares of identity and context attributes
     (those the picture can show) read back as in `values`. A picture the reader says shows no head scores 0 for
     identity (nothing of the subject is drawn) and its expression counts as not drawn."""
+    return read_scores(reader.read(images), values)
+
+
+def read_scores(reads: list[dict[str, str]], values: dict[str, str]) -> list[tuple[float, float, bool]]:
+    """`scores` of pictures the reader has already read."""
     out = []
-    for read in reader.read(images):
+    for read in reads:
         if subject_present(read):
             out.append((agreement(read, values, list(IDENTITY_ATTRIBUTES)),
                         agreement(read, values, list(CONTEXT_ATTRIBUTES)), True))
